@@ -1,0 +1,459 @@
+"""Images with their geometry, and atomic reading/writing of images and displacement fields.
+
+`Image` is the library's one image type: a NumPy array in array-axis order (``(D, H, W)`` or
+``(H, W)``, as ``SimpleITK.GetArrayFromImage`` returns it) together with the physical geometry
+exactly as SimpleITK reports it (``spacing``, ``origin`` in ITK ``(x, y, z)`` order, millimetres;
+``direction`` as a flattened row-major ``ndim x ndim`` matrix).
+
+Supported image files: ``.nii``, ``.nii.gz``, ``.mha``, ``.mhd`` (+ data file), ``.nrrd``.
+Displacement fields are written either as vector images (same extensions) or as an ITK
+``DisplacementFieldTransform`` in an HDF5 transform file (``.h5``, ``.hdf5``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import shutil
+import tempfile
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+__all__ = [
+    "FIELD_TRANSFORM_SUFFIXES",
+    "IMAGE_SUFFIXES",
+    "Grid",
+    "Image",
+    "ImageError",
+    "ImageReadError",
+    "InvalidImageError",
+    "read_displacement_field",
+    "read_grid",
+    "read_image",
+    "validate_image",
+    "write_displacement_field",
+    "write_image",
+]
+
+IMAGE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+"""File name endings read and written as images."""
+
+FIELD_TRANSFORM_SUFFIXES: tuple[str, ...] = (".h5", ".hdf5")
+"""File name endings written as an ITK ``DisplacementFieldTransform`` (HDF5 transform file)."""
+
+
+class ImageError(ValueError):
+    """Base class of the image errors; the message names the file (or image) and the problem."""
+
+
+class ImageReadError(ImageError):
+    """A file is missing, has an unsupported extension, or cannot be decoded (corrupt, truncated)."""
+
+
+class InvalidImageError(ImageError):
+    """An image was decoded but is not usable: wrong dimensionality, vector pixels, non-finite
+    voxels, non-positive spacing or a non-orthonormal direction."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A voxel grid in physical space, without voxel values.
+
+    Attributes:
+        shape: grid size in array-axis order, ``(D, H, W)`` or ``(H, W)``.
+        spacing: voxel size in mm, ITK ``(x, y, z)`` order (the reverse of ``shape``'s order).
+        origin: physical position (mm) of the first voxel's centre, ITK order.
+        direction: row-major flattened ``ndim x ndim`` direction cosine matrix, ITK order.
+    """
+
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
+        for name in ("spacing", "origin", "direction"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        ndim = len(self.shape)
+        if len(self.spacing) != ndim or len(self.origin) != ndim or len(self.direction) != ndim * ndim:
+            raise ValueError(
+                f"inconsistent geometry for a {ndim}D grid: spacing {self.spacing}, origin "
+                f"{self.origin}, direction {self.direction}"
+            )
+
+    @property
+    def ndim(self) -> int:
+        """Number of spatial dimensions (2 or 3)."""
+        return len(self.shape)
+
+    @property
+    def axis_spacing(self) -> tuple[float, ...]:
+        """Voxel size (mm) in array-axis order, i.e. ``spacing`` reversed."""
+        return tuple(reversed(self.spacing))
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        """The direction cosines as an ``(ndim, ndim)`` float64 matrix (ITK order)."""
+        return np.asarray(self.direction, dtype=np.float64).reshape(self.ndim, self.ndim)
+
+    def same_as(self, other: Grid, atol: float = 1e-5) -> bool:
+        """True when both grids have the same shape and, within ``atol``, the same geometry."""
+        return (
+            self.shape == other.shape
+            and np.allclose(self.spacing, other.spacing, rtol=0.0, atol=atol)
+            and np.allclose(self.origin, other.origin, rtol=0.0, atol=atol)
+            and np.allclose(self.direction, other.direction, rtol=0.0, atol=atol)
+        )
+
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        """Set this grid's spacing, origin and direction on ``image`` (in place) and return it."""
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image) -> Grid:
+        """The grid of a SimpleITK image (of any pixel type)."""
+        return cls(
+            shape=tuple(reversed(image.GetSize())),
+            spacing=tuple(float(s) for s in image.GetSpacing()),
+            origin=tuple(float(o) for o in image.GetOrigin()),
+            direction=tuple(float(d) for d in image.GetDirection()),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class Image:
+    """A scalar 2D or 3D image: voxel array plus geometry.
+
+    Attributes:
+        array: voxel values, shape ``(D, H, W)`` or ``(H, W)`` (array-axis order).
+        spacing: voxel size in mm, ITK ``(x, y, z)`` order.
+        origin: physical position (mm) of voxel ``(0, ..., 0)``, ITK order.
+        direction: row-major flattened ``ndim x ndim`` direction matrix, ITK order.
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        grid = Grid(tuple(self.array.shape), self.spacing, self.origin, self.direction)  # checks lengths
+        for name in ("spacing", "origin", "direction"):
+            object.__setattr__(self, name, getattr(grid, name))
+
+    @property
+    def grid(self) -> Grid:
+        """The image's voxel grid (shape and geometry, no values)."""
+        return Grid(tuple(self.array.shape), self.spacing, self.origin, self.direction)
+
+    @property
+    def ndim(self) -> int:
+        """Number of spatial dimensions."""
+        return self.array.ndim
+
+    @property
+    def axis_spacing(self) -> tuple[float, ...]:
+        """Voxel size (mm) in array-axis order, i.e. ``spacing`` reversed."""
+        return self.grid.axis_spacing
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image) -> Image:
+        """Copy a scalar SimpleITK image into an `Image`. Raises ValueError for vector images."""
+        components = image.GetNumberOfComponentsPerPixel()
+        if components != 1:
+            raise ValueError(f"a vector image with {components} components per voxel is not a scalar Image")
+        grid = Grid.from_sitk(image)
+        return cls(sitk.GetArrayFromImage(image), grid.spacing, grid.origin, grid.direction)
+
+    @classmethod
+    def on_grid(cls, array: np.ndarray, grid: Grid) -> Image:
+        """An image with voxel values ``array`` (shape ``grid.shape``) on ``grid``."""
+        if tuple(array.shape) != grid.shape:
+            raise ValueError(f"array shape {tuple(array.shape)} does not match the grid shape {grid.shape}")
+        return cls(array, grid.spacing, grid.origin, grid.direction)
+
+    def to_sitk(self) -> sitk.Image:
+        """A SimpleITK image with the same voxels and geometry (bool arrays become uint8)."""
+        array = self.array.astype(np.uint8) if self.array.dtype == np.bool_ else self.array
+        return self.grid.apply_to(sitk.GetImageFromArray(array, isVector=False))
+
+    def with_array(self, array: np.ndarray) -> Image:
+        """The same geometry with new voxel values; ``array`` must have this image's shape."""
+        return Image.on_grid(array, self.grid)
+
+    def same_geometry(self, other: Image, atol: float = 1e-5) -> bool:
+        """True when both images have the same shape, spacing, origin and direction (within ``atol``)."""
+        return self.grid.same_as(other.grid, atol=atol)
+
+
+def validate_image(image: Image, name: str) -> Image:
+    """Check that ``image`` is usable by diffusereg and return it unchanged.
+
+    Args:
+        image: the image to check.
+        name: how to call the image in error messages (usually its file path).
+
+    Raises:
+        InvalidImageError: naming ``name`` and the problem, when the image is not 2D or 3D, has
+            NaN/inf voxels, a zero or negative spacing, or a direction matrix that is not orthonormal.
+    """
+    if image.ndim not in (2, 3):
+        raise InvalidImageError(
+            f"{name}: has {image.ndim} dimensions; diffusereg reads 2D or 3D scalar images"
+        )
+    if not np.all(np.isfinite(image.array)):
+        count = int(np.size(image.array) - np.count_nonzero(np.isfinite(image.array)))
+        raise InvalidImageError(f"{name}: has {count} non-finite voxels (NaN or inf)")
+    if any(not (s > 0.0) for s in image.spacing):
+        raise InvalidImageError(f"{name}: has zero or negative spacing {image.spacing}")
+    direction = image.grid.direction_matrix
+    if not np.allclose(direction @ direction.T, np.eye(image.ndim), atol=1e-4):
+        raise InvalidImageError(f"{name}: direction matrix {image.direction} is not orthonormal")
+    return image
+
+
+def _suffix(path: Path) -> str:
+    """The file's format suffix, lower case, with ``.nii.gz`` as one suffix."""
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+@contextlib.contextmanager
+def _itk_warnings_silenced() -> Iterator[None]:
+    """Silence ITK's console warnings (e.g. NIfTI 'unexpected scales in sform') while reading;
+    the geometry is validated by `validate_image` instead. The previous setting is restored."""
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+def _check_readable(path: Path, suffixes: tuple[str, ...]) -> None:
+    """Raise ImageReadError unless ``path`` is an existing file with one of ``suffixes``."""
+    if not path.exists():
+        raise ImageReadError(f"{path}: file does not exist")
+    if not path.is_file():
+        raise ImageReadError(f"{path}: is not a file")
+    if _suffix(path) not in suffixes:
+        raise ImageReadError(f"{path}: unsupported file extension; expected one of {', '.join(suffixes)}")
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Raise ImageReadError when a NIfTI file holds fewer voxel bytes than its header promises.
+
+    ITK zero-fills the missing voxels of a truncated ``.nii``/``.nii.gz`` without an error.
+    """
+    try:
+        header = nib.load(path).header
+        voxel_bytes = int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+        expected = int(header.get_data_offset()) + voxel_bytes
+        if _suffix(path) == ".nii.gz":
+            actual = 0
+            with gzip.open(path, "rb") as stream:
+                while chunk := stream.read(1 << 22):
+                    actual += len(chunk)
+        else:
+            actual = path.stat().st_size
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise ImageReadError(f"{path}: compressed data is truncated or corrupt ({error})") from error
+    except Exception as error:  # nibabel raises many types for a bad header
+        raise ImageReadError(f"{path}: not a readable NIfTI file ({type(error).__name__}: {error})") from error
+    if actual < expected:
+        raise ImageReadError(f"{path}: file is truncated ({actual} of {expected} header+voxel bytes)")
+
+
+def _read_sitk(path: Path) -> sitk.Image:
+    """Read a file with SimpleITK, turning its multi-line errors into a one-line ImageReadError."""
+    try:
+        with _itk_warnings_silenced():
+            return sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[-1].strip()
+        raise ImageReadError(f"{path}: cannot be read as an image (corrupt or unsupported: {reason})") from error
+
+
+def read_grid(path: str | os.PathLike) -> Grid:
+    """Read only the header of an image file: its grid (shape, spacing, origin, direction)."""
+    path = Path(path)
+    _check_readable(path, IMAGE_SUFFIXES)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        with _itk_warnings_silenced():
+            reader.ReadImageInformation()
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[-1].strip()
+        raise ImageReadError(f"{path}: cannot read the image header ({reason})") from error
+    return Grid(
+        shape=tuple(reversed(reader.GetSize())),
+        spacing=tuple(float(s) for s in reader.GetSpacing()),
+        origin=tuple(float(o) for o in reader.GetOrigin()),
+        direction=tuple(float(d) for d in reader.GetDirection()),
+    )
+
+
+def read_image(path: str | os.PathLike) -> Image:
+    """Read a 2D or 3D scalar image (``.nii``, ``.nii.gz``, ``.mha``, ``.mhd``, ``.nrrd``).
+
+    Returns:
+        The `Image`, with the file's voxel type and geometry.
+
+    Raises:
+        ImageReadError: the file is missing, has an unsupported extension, or is corrupt/truncated.
+        InvalidImageError: the image is 4D, vector-valued, has NaN/inf voxels, non-positive
+            spacing or a non-orthonormal direction.
+    """
+    path = Path(path)
+    _check_readable(path, IMAGE_SUFFIXES)
+    if _suffix(path) in (".nii", ".nii.gz"):
+        _check_nifti_complete(path)
+    sitk_image = _read_sitk(path)
+    components = sitk_image.GetNumberOfComponentsPerPixel()
+    if components != 1:
+        raise InvalidImageError(
+            f"{path}: is a vector image with {components} components per voxel; "
+            "diffusereg reads 2D or 3D scalar images"
+        )
+    return validate_image(Image.from_sitk(sitk_image), str(path))
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None], overwrite: bool) -> None:
+    """Call ``write(tmp_path)`` on a temporary path with ``path``'s name, then move the result(s)
+    into place with ``os.replace``.
+
+    The temporary folder lives beside ``path`` (same file system, so the move is atomic) and is
+    removed whatever happens. Companion files written alongside (e.g. the ``.raw`` of an ``.mhd``)
+    are moved first and the named file last, so a reader never sees a header without its data.
+    """
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path}: the folder {path.parent} does not exist")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: file exists and overwrite=False")
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp_dir / path.name)
+        for written in sorted(tmp_dir.iterdir(), key=lambda p: p.name == path.name):
+            os.replace(written, path.parent / written.name)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def write_image(image: Image, path: str | os.PathLike, *, overwrite: bool = True) -> None:
+    """Write ``image`` with its geometry, atomically (temporary file, then ``os.replace``).
+
+    The format follows the extension (``.nii``, ``.nii.gz``, ``.mha``, ``.mhd``, ``.nrrd``);
+    ``.mha``/``.mhd``/``.nrrd`` voxels are compressed. Bool arrays are written as uint8.
+    """
+    path = Path(path)
+    if _suffix(path) not in IMAGE_SUFFIXES:
+        raise ValueError(f"{path}: unsupported file extension; expected one of {', '.join(IMAGE_SUFFIXES)}")
+    sitk_image = image.to_sitk()
+    _write_atomically(path, lambda tmp: sitk.WriteImage(sitk_image, str(tmp), True), overwrite)
+
+
+def _field_to_world(field: np.ndarray, grid: Grid) -> np.ndarray:
+    """Voxel displacement ``(ndim, *S)`` (channel i along array axis i) -> world vectors
+    ``(*S, ndim)`` in mm, ITK ``(x, y, z)`` component order: ``direction @ (spacing * index_disp)``."""
+    index_displacement = np.moveaxis(field[::-1], 0, -1).astype(np.float64)  # (*S, ndim), ITK order
+    return (index_displacement * np.asarray(grid.spacing)) @ grid.direction_matrix.T
+
+
+def _world_to_field(vectors: np.ndarray, grid: Grid) -> np.ndarray:
+    """Inverse of `_field_to_world`: world vectors ``(*S, ndim)`` in mm -> voxels ``(ndim, *S)``."""
+    index_displacement = (vectors @ grid.direction_matrix) / np.asarray(grid.spacing)  # D orthonormal
+    return np.moveaxis(index_displacement, -1, 0)[::-1].copy()
+
+
+def _grid_of(reference: Image | Grid) -> Grid:
+    return reference.grid if isinstance(reference, Image) else reference
+
+
+def write_displacement_field(
+    field: np.ndarray, reference: Image | Grid, path: str | os.PathLike, *, overwrite: bool = True
+) -> None:
+    """Write a displacement field in physical units on the reference image's grid, atomically.
+
+    Args:
+        field: displacement in voxels of ``reference``'s grid, shape ``(ndim, *S)`` with
+            ``S = reference.array.shape``; channel ``i`` moves along array axis ``i``.
+        reference: the fixed image (or its grid); the file gets its spacing, origin and direction.
+        path: ``.nii``/``.nii.gz``/``.mha``/``.mhd``/``.nrrd`` for a float64 vector image, or
+            ``.h5``/``.hdf5`` for an ITK ``DisplacementFieldTransform``.
+
+    The stored vectors are world displacements in mm, ITK ``(x, y, z)`` component order
+    (``direction @ (spacing * index_displacement)``). With ITK semantics ``T(x) = x + d(x)``,
+    ``sitk.Resample(moving, reference, T)`` gives ``moving(x + d(x))``, the same pull warp as
+    diffusereg's ``warp(moving, field)``.
+    """
+    path = Path(path)
+    field = np.asarray(field)
+    grid = _grid_of(reference)
+    if field.shape != (grid.ndim, *grid.shape):
+        raise ValueError(f"field shape {field.shape} does not match (ndim, *S) = {(grid.ndim, *grid.shape)}")
+    if not np.all(np.isfinite(field)):
+        raise ValueError(f"{path}: the displacement field has non-finite values")
+    vector_image = grid.apply_to(sitk.GetImageFromArray(_field_to_world(field, grid), isVector=True))
+    suffix = _suffix(path)
+    if suffix in FIELD_TRANSFORM_SUFFIXES:
+        transform = sitk.DisplacementFieldTransform(vector_image)
+        _write_atomically(path, lambda tmp: sitk.WriteTransform(transform, str(tmp)), overwrite)
+    elif suffix in IMAGE_SUFFIXES:
+        _write_atomically(path, lambda tmp: sitk.WriteImage(vector_image, str(tmp), True), overwrite)
+    else:
+        raise ValueError(
+            f"{path}: unsupported extension for a displacement field; expected one of "
+            f"{', '.join(IMAGE_SUFFIXES + FIELD_TRANSFORM_SUFFIXES)}"
+        )
+
+
+def read_displacement_field(path: str | os.PathLike, reference: Image | Grid) -> np.ndarray:
+    """Read a displacement field written by `write_displacement_field` (or by ITK tools).
+
+    The field (vector image in mm, or an ITK transform file) is evaluated on ``reference``'s
+    grid with ``sitk.TransformToDisplacementField``, so a field stored on another grid is
+    linearly interpolated (and is zero outside its own domain).
+
+    Returns:
+        float64 displacement in voxels of ``reference``, shape ``(ndim, *S)``.
+    """
+    path = Path(path)
+    _check_readable(path, IMAGE_SUFFIXES + FIELD_TRANSFORM_SUFFIXES)
+    if _suffix(path) in FIELD_TRANSFORM_SUFFIXES:
+        try:
+            transform = sitk.ReadTransform(str(path))
+        except RuntimeError as error:
+            reason = str(error).strip().splitlines()[-1].strip()
+            raise ImageReadError(f"{path}: cannot be read as an ITK transform ({reason})") from error
+    else:
+        vector_image = _read_sitk(path)
+        if vector_image.GetNumberOfComponentsPerPixel() != vector_image.GetDimension():
+            raise InvalidImageError(
+                f"{path}: has {vector_image.GetNumberOfComponentsPerPixel()} components per voxel; "
+                f"a {vector_image.GetDimension()}D displacement field needs {vector_image.GetDimension()}"
+            )
+        transform = sitk.DisplacementFieldTransform(sitk.Cast(vector_image, sitk.sitkVectorFloat64))
+    grid = _grid_of(reference)
+    if transform.GetDimension() != grid.ndim:
+        raise InvalidImageError(f"{path}: is a {transform.GetDimension()}D transform, the reference is {grid.ndim}D")
+    world = sitk.TransformToDisplacementField(
+        transform,
+        sitk.sitkVectorFloat64,
+        list(reversed(grid.shape)),
+        grid.origin,
+        grid.spacing,
+        grid.direction,
+    )
+    return _world_to_field(sitk.GetArrayFromImage(world), grid)

@@ -1,0 +1,209 @@
+"""Evaluation metrics: Dice per ACDC structure, HD95, and Jacobian-based field regularity.
+
+Every function evaluates one case and returns plain Python floats (or a flat ``dict`` of
+them, one CSV row). Label maps are integer arrays or tensors of any matching shape; fields
+are NumPy arrays or tensors ``(ndim, *S)`` or ``(1, ndim, *S)`` in voxels (see
+:mod:`diffusereg.spatial`). Definitions and their match with the paper's evaluation code are
+in ``docs/spatial_metrics.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from monai.metrics import compute_hausdorff_distance
+
+from diffusereg.spatial import jacobian_determinant
+
+__all__ = [
+    "ACDC_STRUCTURES",
+    "acdc_case_metrics",
+    "acdc_dice",
+    "dice",
+    "hd95",
+    "jacobian_std",
+    "njd_percent",
+    "sdlogj",
+]
+
+ArrayLike = np.ndarray | torch.Tensor
+Labels = int | Sequence[int]
+
+#: ACDC label values of each evaluated structure (0 background, 1 RV, 2 Myo, 3 LV), in the
+#: order of the paper's code. ``Heart`` is every foreground label (``> 0``).
+ACDC_STRUCTURES: dict[str, tuple[int, ...]] = {
+    "LV": (3,),
+    "Myo": (2,),
+    "LVepi": (2, 3),
+    "RV": (1,),
+    "Heart": (1, 2, 3),
+}
+
+#: Clipping range of the determinant before the log in :func:`sdlogj` (Learn2Reg convention).
+LOG_DET_CLIP = (1e-9, 1e9)
+
+
+def _mask(labels: ArrayLike, label_or_labels: Labels) -> torch.Tensor:
+    """Boolean mask of voxels whose label is one of ``label_or_labels``."""
+    values = torch.as_tensor(labels)
+    if not values.is_floating_point():
+        values = values.long()  # isin lacks bool and unsigned 16/32/64-bit kernels
+    wanted = torch.as_tensor(label_or_labels, dtype=values.dtype, device=values.device).flatten()
+    return torch.isin(values, wanted)
+
+
+def _mask_pair(pred: ArrayLike, ref: ArrayLike, label_or_labels: Labels) -> tuple[torch.Tensor, torch.Tensor]:
+    pred_mask, ref_mask = _mask(pred, label_or_labels), _mask(ref, label_or_labels)
+    if pred_mask.shape != ref_mask.shape:
+        raise ValueError(f"label maps differ in shape: {tuple(pred_mask.shape)} vs {tuple(ref_mask.shape)}")
+    return pred_mask, ref_mask
+
+
+def dice(pred: ArrayLike, ref: ArrayLike, label_or_labels: Labels) -> float:
+    """Dice overlap ``2 |P & R| / (|P| + |R|)`` of one structure, in ``[0, 1]``.
+
+    Args:
+        pred, ref: label maps of the same shape.
+        label_or_labels: label value, or several values merged into one structure.
+    Returns:
+        Dice; ``1.0`` when the structure is absent from both maps (never NaN).
+    """
+    pred_mask, ref_mask = _mask_pair(pred, ref, label_or_labels)
+    total = int(pred_mask.sum()) + int(ref_mask.sum())
+    if total == 0:
+        return 1.0
+    return 2.0 * int((pred_mask & ref_mask).sum()) / total
+
+
+def _check_acdc_labels(labels: ArrayLike) -> None:
+    present = set(torch.unique(torch.as_tensor(labels)).tolist())
+    if not present <= {0, 1, 2, 3}:
+        raise ValueError(f"ACDC label maps hold only 0..3, found {sorted(present)}")
+
+
+def acdc_dice(pred_labels: ArrayLike, ref_labels: ArrayLike) -> dict[str, float]:
+    """Dice of each ACDC structure and their mean.
+
+    Args:
+        pred_labels, ref_labels: ACDC label maps (values 0..3) of the same shape.
+    Returns:
+        ``{"LV", "Myo", "LVepi", "RV", "Heart", "Overall"}`` as fractions in ``[0, 1]``;
+        ``Overall`` is the mean of the five structures (as in the paper's code).
+    """
+    _check_acdc_labels(pred_labels)
+    _check_acdc_labels(ref_labels)
+    scores = {name: dice(pred_labels, ref_labels, labels) for name, labels in ACDC_STRUCTURES.items()}
+    scores["Overall"] = sum(scores.values()) / len(scores)
+    return scores
+
+
+def hd95(
+    pred: ArrayLike,
+    ref: ArrayLike,
+    label_or_labels: Labels,
+    spacing: float | Sequence[float] | None = None,
+) -> float:
+    """Symmetric 95th-percentile Hausdorff distance between the surfaces of one structure.
+
+    Computed by :func:`monai.metrics.compute_hausdorff_distance` (``percentile=95``,
+    Euclidean distance between boundary voxels).
+
+    Args:
+        pred, ref: label maps of the same shape.
+        label_or_labels: label value(s) of the structure.
+        spacing: voxel size in mm in array-axis order (``Image.axis_spacing``); ``None``
+            measures in voxels.
+    Returns:
+        HD95 in mm (voxels without spacing); NaN when the structure is absent from either map.
+    """
+    pred_mask, ref_mask = _mask_pair(pred, ref, label_or_labels)
+    if not pred_mask.any() or not ref_mask.any():
+        return math.nan
+    with warnings.catch_warnings():  # MONAI 1.5+ warns about its own internal get_mask_edges call
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+        distance = compute_hausdorff_distance(
+            pred_mask[None, None], ref_mask[None, None], include_background=True, percentile=95, spacing=spacing
+        )
+    return float(distance)
+
+
+def _single_case_field(field: ArrayLike) -> torch.Tensor:
+    """``(ndim, *S)`` or ``(1, ndim, *S)`` array/tensor -> float ``(1, ndim, *S)`` tensor."""
+    tensor = torch.as_tensor(field)
+    if not tensor.is_floating_point():
+        tensor = tensor.float()
+    if tensor.ndim >= 3 and tensor.shape[0] == tensor.ndim - 1:
+        tensor = tensor[None]
+    if tensor.shape[0] != 1 or tensor.shape[1] != tensor.ndim - 2:
+        raise ValueError(
+            f"expected one field (ndim, *S) or (1, ndim, *S), got {tuple(tensor.shape)}; metrics are per case"
+        )
+    return tensor
+
+
+def _determinant(field: ArrayLike, method: Literal["forward", "central"]) -> torch.Tensor:
+    return jacobian_determinant(_single_case_field(field), method=method).flatten()
+
+
+def njd_percent(field: ArrayLike, method: Literal["forward", "central"] = "forward") -> float:
+    """Percentage of voxels with a non-positive Jacobian determinant (folding), ``[0, 100]``.
+
+    Args:
+        field: ``(ndim, *S)`` or ``(1, ndim, *S)`` in voxels.
+        method: finite differences, see :func:`diffusereg.spatial.jacobian_determinant`.
+    """
+    return 100.0 * float((_determinant(field, method) <= 0).double().mean())
+
+
+def jacobian_std(field: ArrayLike, method: Literal["forward", "central"] = "forward") -> float:
+    """JSD: standard deviation of the Jacobian determinant (Bessel-corrected, like the
+    paper's ``sqrt(torch.var(det))``).
+
+    Args:
+        field: ``(ndim, *S)`` or ``(1, ndim, *S)`` in voxels.
+        method: finite differences, see :func:`diffusereg.spatial.jacobian_determinant`.
+    """
+    return float(_determinant(field, method).double().std(correction=1))
+
+
+def sdlogj(field: ArrayLike, method: Literal["forward", "central"] = "forward") -> float:
+    """Standard deviation (population) of ``log(clip(det, 1e-9, 1e9))``.
+
+    Args:
+        field: ``(ndim, *S)`` or ``(1, ndim, *S)`` in voxels.
+        method: finite differences, see :func:`diffusereg.spatial.jacobian_determinant`.
+    """
+    determinant = _determinant(field, method).double().clamp(*LOG_DET_CLIP)
+    return float(determinant.log().std(correction=0))
+
+
+def acdc_case_metrics(
+    warped_labels: ArrayLike,
+    fixed_labels: ArrayLike,
+    field: ArrayLike,
+    axis_spacing: Sequence[float] | None = None,
+) -> dict[str, float]:
+    """One evaluation row for an ACDC pair.
+
+    Args:
+        warped_labels: moving labels warped onto the fixed grid (values 0..3).
+        fixed_labels: fixed labels, same shape.
+        field: ``(ndim, *S)`` or ``(1, ndim, *S)`` field in voxels that produced ``warped_labels``.
+        axis_spacing: voxel size in mm in array-axis order for HD95 (``None``: voxels).
+    Returns:
+        ``Dice_<s>`` for ``s`` in LV, Myo, LVepi, RV, Heart, Overall (fractions),
+        ``HD95_<s>`` for the five structures (mm), ``NJD_percent``, ``JSD`` and ``SDlogJ``
+        (forward differences).
+    """
+    row = {f"Dice_{name}": value for name, value in acdc_dice(warped_labels, fixed_labels).items()}
+    for name, labels in ACDC_STRUCTURES.items():
+        row[f"HD95_{name}"] = hd95(warped_labels, fixed_labels, labels, spacing=axis_spacing)
+    row["NJD_percent"] = njd_percent(field)
+    row["JSD"] = jacobian_std(field)
+    row["SDlogJ"] = sdlogj(field)
+    return row
