@@ -1,0 +1,129 @@
+"""What every denoiser takes and returns, and the one place where its inputs are checked.
+
+A denoiser predicts the noise in a z-scored displacement field ``sample`` of shape
+``(B, ndim, *S)`` given the fixed and moving images ``(B, 1, *S)`` (intensities in ``[0, 1]``)
+and the diffusion timestep. Image-only work is split off into ``encode_condition`` so that a
+sampling loop runs it once per registration, not once per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from diffusers.utils import BaseOutput
+from torch import Tensor
+
+#: Per-stage, per-block image features: ``features[stage][block]`` is a tuple with one
+#: channels-last tensor ``(B, *s, C)`` per conditioning image (fixed first, then moving).
+BlockFeatures = tuple[tuple[tuple[Tensor, ...], ...], ...]
+
+
+@dataclass
+class DenoiserOutput(BaseOutput):
+    """Output of a denoiser.
+
+    Attributes:
+        sample: predicted noise, ``(B, ndim, *S)``, same shape as the input field.
+    """
+
+    sample: Tensor
+
+
+@dataclass(frozen=True)
+class DenoiserCondition:
+    """Everything a denoiser needs from the image pair, computed once by ``encode_condition``.
+
+    Attributes:
+        fixed: fixed image ``(B, 1, *S)``, intensities in ``[0, 1]``.
+        moving: moving image ``(B, 1, *S)``.
+        features: image-encoder features ``features[stage][block] = (fixed_feat, moving_feat)``,
+            each ``(B, *s, C)`` channels-last; empty for models that only use the images.
+    """
+
+    fixed: Tensor
+    moving: Tensor
+    features: BlockFeatures = ()
+
+    @property
+    def batch_size(self) -> int:
+        return self.fixed.shape[0]
+
+    def expand(self, batch_size: int) -> DenoiserCondition:
+        """Broadcast a batch-1 condition to ``batch_size`` (e.g. several samples of one pair)."""
+        if batch_size == self.batch_size:
+            return self
+        if self.batch_size != 1:
+            raise ValueError(f"cannot broadcast a condition of batch {self.batch_size} to batch {batch_size}")
+
+        def grow(t: Tensor) -> Tensor:
+            return t.expand(batch_size, *t.shape[1:])
+
+        features = tuple(tuple(tuple(grow(t) for t in block) for block in stage) for stage in self.features)
+        return replace(self, fixed=grow(self.fixed), moving=grow(self.moving), features=features)
+
+
+def check_image_pair(fixed: Tensor, moving: Tensor, spatial_dims: int, multiple: int) -> None:
+    """Check that ``fixed`` and ``moving`` are ``(B, 1, *S)`` with each of ``S`` a multiple of ``multiple``."""
+    for name, image in (("fixed", fixed), ("moving", moving)):
+        if image.ndim != spatial_dims + 2 or image.shape[1] != 1:
+            raise ValueError(
+                f"{name} must have shape (B, 1, *S) with {spatial_dims} spatial dims, got {tuple(image.shape)}"
+            )
+    if fixed.shape != moving.shape:
+        raise ValueError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} must have the same shape")
+    check_spatial_multiple(fixed.shape[2:], multiple)
+
+
+def check_spatial_multiple(spatial_shape: Sequence[int], multiple: int) -> None:
+    """Raise a ``ValueError`` naming ``multiple`` unless every size in ``spatial_shape`` is a multiple of it."""
+    if any(s % multiple for s in spatial_shape):
+        raise ValueError(
+            f"every spatial size must be a multiple of {multiple} for this model, got {tuple(spatial_shape)}; "
+            f"pad or crop the images (e.g. to {tuple(-(-s // multiple) * multiple for s in spatial_shape)})"
+        )
+
+
+def resolve_condition(
+    condition: DenoiserCondition | None,
+    fixed: Tensor | None,
+    moving: Tensor | None,
+    encode: Callable[[Tensor, Tensor], DenoiserCondition],
+) -> DenoiserCondition:
+    """Return ``condition`` or ``encode(fixed, moving)``; exactly one of the two must be given."""
+    if condition is not None:
+        if fixed is not None or moving is not None:
+            raise ValueError("pass either `condition` or `fixed` and `moving`, not both")
+        return condition
+    if fixed is None or moving is None:
+        raise ValueError("pass `fixed` and `moving` images, or a `condition` from `encode_condition`")
+    return encode(fixed, moving)
+
+
+def check_denoiser_inputs(
+    sample: Tensor, timestep: Tensor | float | int, condition: DenoiserCondition
+) -> tuple[Tensor, DenoiserCondition]:
+    """Check the field against the condition and broadcast timestep and condition to the batch.
+
+    Args:
+        sample: noisy field ``(B, ndim, *S)``.
+        timestep: scalar or ``(B,)``.
+        condition: from ``encode_condition``; batch ``B`` or 1.
+
+    Returns:
+        ``(timestep (B,), condition with batch B)``.
+    """
+    spatial = tuple(condition.fixed.shape[2:])
+    ndim = len(spatial)
+    if sample.ndim != ndim + 2 or sample.shape[1] != ndim or tuple(sample.shape[2:]) != spatial:
+        raise ValueError(
+            f"sample must have shape (B, {ndim}, *{spatial}) to match the images, got {tuple(sample.shape)}"
+        )
+    batch = sample.shape[0]
+    timestep = torch.as_tensor(timestep, device=sample.device)
+    if timestep.ndim == 0:
+        timestep = timestep.expand(batch)
+    if timestep.shape != (batch,):
+        raise ValueError(f"timestep must be a scalar or have shape ({batch},), got {tuple(timestep.shape)}")
+    return timestep, condition.expand(batch)
