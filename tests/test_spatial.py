@@ -272,3 +272,12 @@ def test_affine_field_identity_and_translation() -> None:
     torch.testing.assert_close(affine_field(homogeneous, (4, 5)), field)
     grid = identity_grid((2, 3))
     assert grid.shape == (2, 2, 3) and grid[0, 1, 2] == 1 and grid[1, 1, 2] == 2
+
+
+def test_world_to_field_inverts_field_to_world():
+    from diffusereg.spatial import field_to_world, world_to_field
+
+    direction = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    field = torch.randn(2, 3, 4, 5, 6, dtype=torch.float64)
+    world = field_to_world(field, (3.0, 1.5, 0.7), direction)
+    assert torch.allclose(world_to_field(world, (3.0, 1.5, 0.7), direction), field)

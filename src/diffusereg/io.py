@@ -25,6 +25,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+import torch
+
+from diffusereg.spatial import field_to_world, world_to_field
 
 __all__ = [
     "FIELD_TRANSFORM_SUFFIXES",
@@ -365,16 +368,15 @@ def write_image(image: Image, path: str | os.PathLike, *, overwrite: bool = True
 
 
 def _field_to_world(field: np.ndarray, grid: Grid) -> np.ndarray:
-    """Voxel displacement ``(ndim, *S)`` (channel i along array axis i) -> world vectors
-    ``(*S, ndim)`` in mm, ITK ``(x, y, z)`` component order: ``direction @ (spacing * index_disp)``."""
-    index_displacement = np.moveaxis(field[::-1], 0, -1).astype(np.float64)  # (*S, ndim), ITK order
-    return (index_displacement * np.asarray(grid.spacing)) @ grid.direction_matrix.T
+    """Voxel displacement ``(ndim, *S)`` -> world vectors ``(*S, ndim)``, mm, ITK ``(x, y, z)`` order."""
+    world = field_to_world(torch.from_numpy(np.asarray(field, dtype=np.float64)), grid.axis_spacing, grid.direction)
+    return np.moveaxis(world.numpy(), 0, -1)
 
 
 def _world_to_field(vectors: np.ndarray, grid: Grid) -> np.ndarray:
     """Inverse of `_field_to_world`: world vectors ``(*S, ndim)`` in mm -> voxels ``(ndim, *S)``."""
-    index_displacement = (vectors @ grid.direction_matrix) / np.asarray(grid.spacing)  # D orthonormal
-    return np.moveaxis(index_displacement, -1, 0)[::-1].copy()
+    field = world_to_field(torch.from_numpy(np.moveaxis(vectors, -1, 0).copy()), grid.axis_spacing, grid.direction)
+    return field.numpy()
 
 
 def _grid_of(reference: Image | Grid) -> Grid:

@@ -208,6 +208,30 @@ def field_to_world(
     return (mm_xyz.movedim(channel_dim, -1) @ matrix.T).movedim(-1, channel_dim)
 
 
+
+def world_to_field(
+    vectors: torch.Tensor,
+    axis_spacing: Sequence[float] | torch.Tensor,
+    direction: Sequence[float] | torch.Tensor,
+) -> torch.Tensor:
+    """Inverse of :func:`field_to_world`: world vectors (ITK ``(x, y, z)`` channels, mm) -> voxels.
+
+    ``u_xyz = (direction^T @ world) / spacing_xyz`` (the direction matrix is orthonormal), then
+    the channels are reversed to array order.
+
+    Args:
+        vectors: ``(B, ndim, *S)`` or ``(ndim, *S)`` in mm, channels ``(x, y[, z])``.
+        axis_spacing: spacing in mm per array axis.
+        direction: ITK direction cosines, as for :func:`field_to_world`.
+    Returns:
+        Same shape, in voxels, array-axis channel order.
+    """
+    ndim = len(axis_spacing)
+    channel_dim = vectors.ndim - ndim - 1
+    matrix = torch.as_tensor(direction, dtype=vectors.dtype, device=vectors.device).reshape(ndim, ndim)
+    mm_xyz = (vectors.movedim(channel_dim, -1) @ matrix).movedim(-1, channel_dim)
+    return mm_to_voxel(mm_xyz.flip(channel_dim), axis_spacing)
+
 def affine_field(matrix: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Displacement of an affine map on voxel coordinates: ``u(x) = A x + b - x``.
 

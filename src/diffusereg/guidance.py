@@ -1,0 +1,196 @@
+"""Guidance: steer the sampling of a field towards a user objective.
+
+A guide is a differentiable loss of the current estimate of the clean field ``x0`` (the
+field the sampler would return if it stopped now) and of the images. At every active step the
+pipeline takes one gradient step on that loss, ``x0 <- x0 - scale * dL/dx0``, and re-derives
+the noise prediction from the corrected ``x0`` before the scheduler step. This is classifier
+guidance written in the ``x0`` parametrisation (as in universal / DPS-style guidance): the
+correction keeps its size at low noise levels instead of vanishing with ``1 - alpha_bar``.
+
+Every guide is called as ``guide(field, fixed, moving) -> loss`` with
+
+- ``field``: ``(B, ndim, *S)`` displacement in voxels of the model grid,
+- ``fixed``, ``moving``: ``(B, 1, *S)`` images on the model grid, intensities in ``[0, 1]``,
+- ``loss``: a scalar tensor (lower is better).
+
+Any callable with that signature is a guide (its scale is 1). Wrap it in :class:`FunctionGuide`
+to give it a scale and a range of steps where it is active; built-in guides subclass :class:`Guide`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol, Sequence, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+from diffusereg.losses import gradient_loss, ssim_loss
+from diffusereg.spatial import jacobian_determinant, warp
+
+__all__ = [
+    "GuidanceFunction",
+    "Guide",
+    "FunctionGuide",
+    "SmoothnessGuidance",
+    "DirectionGuidance",
+    "OrganMaskGuidance",
+    "SimilarityGuidance",
+    "as_guide",
+]
+
+
+@runtime_checkable
+class GuidanceFunction(Protocol):
+    """A differentiable objective of the field estimate: ``(field, fixed, moving) -> scalar``."""
+
+    def __call__(self, field: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor: ...
+
+
+class Guide:
+    """Base class of guides: a loss of the field estimate, its strength and when it acts.
+
+    Args:
+        scale: step size of the correction ``x0 <- x0 - scale * dL/dx0`` (field in voxels).
+        start: fraction of the sampling schedule where the guide switches on (0 = first step).
+        end: fraction where it switches off (1 = after the last step).
+    """
+
+    def __init__(self, scale: float = 1.0, start: float = 0.0, end: float = 1.0) -> None:
+        if not 0.0 <= start <= end <= 1.0:
+            raise ValueError(f"guide range must satisfy 0 <= start <= end <= 1, got start={start}, end={end}")
+        self.scale = float(scale)
+        self.start = float(start)
+        self.end = float(end)
+
+    def is_active(self, step: int, num_steps: int) -> bool:
+        """Whether the guide acts at ``step`` (0-based) of ``num_steps``."""
+        return self.start <= step / num_steps < self.end
+
+    def loss(self, field: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        """Scalar loss of ``field`` (B, ndim, *S) voxels given ``fixed``/``moving`` (B, 1, *S)."""
+        raise NotImplementedError
+
+    def __call__(self, field: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        return self.loss(field, fixed, moving)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(scale={self.scale}, start={self.start}, end={self.end})"
+
+
+class FunctionGuide(Guide):
+    """A user function ``(field, fixed, moving) -> scalar loss`` used as a guide."""
+
+    def __init__(self, function: GuidanceFunction, scale: float = 1.0, start: float = 0.0, end: float = 1.0) -> None:
+        super().__init__(scale, start, end)
+        if not callable(function):
+            raise TypeError(f"a guide function must be callable (field, fixed, moving) -> loss, got {type(function).__name__}")
+        self.function = function
+
+    def loss(self, field: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        return self.function(field, fixed, moving)
+
+
+def as_guide(guide: Guide | GuidanceFunction) -> Guide:
+    """Return ``guide`` itself if it is a :class:`Guide`, else wrap the callable with scale 1."""
+    return guide if isinstance(guide, Guide) else FunctionGuide(guide)
+
+
+def _as_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Bring a mask ``(*S)``, ``(1, *S)`` or ``(B, 1, *S)`` to ``(B or 1, 1, *S)`` float on ``like``'s device."""
+    spatial = tuple(like.shape[2:])
+    mask = torch.as_tensor(mask, device=like.device)
+    if tuple(mask.shape[-len(spatial):]) != spatial:
+        raise ValueError(f"guidance mask has spatial shape {tuple(mask.shape[-len(spatial):])}, the field has {spatial}")
+    while mask.ndim < like.ndim:
+        mask = mask.unsqueeze(0)
+    return mask.float()
+
+
+class SmoothnessGuidance(Guide):
+    """Prefer smooth, fold-free fields.
+
+    Loss = mean squared forward-difference gradient of the field
+    ``+ folding_weight * mean(relu(epsilon - det(I + grad u)))``, which penalises Jacobian
+    determinants below ``epsilon``.
+    """
+
+    def __init__(self, scale: float = 2.0, folding_weight: float = 1.0, epsilon: float = 0.05,
+                 start: float = 0.0, end: float = 1.0) -> None:
+        super().__init__(scale, start, end)
+        self.folding_weight = folding_weight
+        self.epsilon = epsilon
+
+    def loss(self, field: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        folding = F.relu(self.epsilon - jacobian_determinant(field, method="forward")).mean()
+        return gradient_loss(field) + self.folding_weight * folding
+
+
+class DirectionGuidance(Guide):
+    """Prefer a prescribed mean displacement inside a region.
+
+    Args:
+        displacement: the wanted mean displacement, one number per axis, voxels, array-axis order.
+        mask: optional region ``(*S)``, ``(1, *S)`` or ``(B, 1, *S)``; the whole image if omitted.
+
+    Loss = ``f * |mean_region(u) - displacement|^2`` with ``f`` the fraction of voxels in the
+    region. The factor makes it a mean over voxels like the other guides: a guidance step moves
+    every region voxel by the same amount, ``2 * scale * (displacement - mean)``, so the mean goes
+    towards the target while the shape of the deformation inside the region is kept.
+    """
+
+    def __init__(self, displacement: Sequence[float], mask: torch.Tensor | None = None, scale: float = 0.25,
+                 start: float = 0.0, end: float = 1.0) -> None:
+        super().__init__(scale, start, end)
+        if len(displacement) == 0:
+            raise ValueError("DirectionGuidance needs a displacement vector (voxels, one number per axis)")
+        self.displacement = [float(d) for d in displacement]
+        self.mask = mask
+
+    def loss(self, field: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        ndim = field.shape[1]
+        if len(self.displacement) != ndim:
+            raise ValueError(f"DirectionGuidance displacement has {len(self.displacement)} components, the field has {ndim}")
+        target = torch.tensor(self.displacement, dtype=field.dtype, device=field.device)
+        region = torch.ones_like(field[:, :1]) if self.mask is None else _as_mask(self.mask, field).expand_as(field[:, :1])
+        mean_per_axis = (field * region).sum(dim=(0, *range(2, field.ndim))) / region.sum().clamp_min(1.0)
+        return region.mean() * ((mean_per_axis - target) ** 2).sum()
+
+
+class OrganMaskGuidance(Guide):
+    """Register one structure better, using the fixed image's mask of it.
+
+    Args:
+        fixed_mask: the structure in the fixed image, ``(*S)``, ``(1, *S)`` or ``(B, 1, *S)``, 0/1.
+        moving_mask: the same structure in the moving image, same shapes. When given, the loss is
+            the mean over voxels of ``(warp(moving_mask, field) - fixed_mask)^2``; otherwise it is
+            the mean over voxels of the squared intensity difference between the fixed and the
+            warped moving image, counted only inside ``fixed_mask`` dilated by ``margin`` voxels.
+        margin: dilation of the fixed mask for the intensity loss, voxels.
+    """
+
+    def __init__(self, fixed_mask: torch.Tensor, moving_mask: torch.Tensor | None = None, scale: float = 1.0,
+                 margin: int = 3, start: float = 0.0, end: float = 1.0) -> None:
+        super().__init__(scale, start, end)
+        self.fixed_mask = fixed_mask
+        self.moving_mask = moving_mask
+        self.margin = margin
+
+    def loss(self, field: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        target = _as_mask(self.fixed_mask, field).expand_as(field[:, :1])
+        if self.moving_mask is not None:
+            source = _as_mask(self.moving_mask, field).expand_as(target)
+            return ((warp(source, field) - target) ** 2).mean()
+        pool = F.max_pool2d if field.ndim == 4 else F.max_pool3d
+        region = pool(target, kernel_size=2 * self.margin + 1, stride=1, padding=self.margin)
+        return (region * (warp(moving, field) - fixed) ** 2).mean()
+
+
+class SimilarityGuidance(Guide):
+    """Prefer a warped moving image that looks like the fixed one: loss ``1 - SSIM`` (window 9)."""
+
+    def __init__(self, scale: float = 1.0, kernel_size: int = 9, start: float = 0.0, end: float = 1.0) -> None:
+        super().__init__(scale, start, end)
+        self.kernel_size = kernel_size
+
+    def loss(self, field: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        return ssim_loss(warp(moving, field), fixed, kernel_size=self.kernel_size)

@@ -1,0 +1,319 @@
+"""DiffuseRegPipeline with a tiny randomly initialised denoiser: shapes, seeds, hooks, guidance."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffusereg.callbacks import EarlyStopping, TrajectoryRecorder
+from diffusereg.guidance import (
+    DirectionGuidance,
+    FunctionGuide,
+    OrganMaskGuidance,
+    SimilarityGuidance,
+    SmoothnessGuidance,
+)
+from diffusereg.losses import gradient_loss, ssim_loss
+from diffusereg.models import DiffuseRegDenoiser
+from diffusereg.pipelines import DiffuseRegPipeline, default_scheduler
+from diffusereg.spatial import warp
+
+SIZE = 32
+
+
+def tiny_denoiser(spatial_dims: int) -> DiffuseRegDenoiser:
+    torch.manual_seed(0)
+    ndim = spatial_dims
+    return DiffuseRegDenoiser(
+        spatial_dims=spatial_dims, feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
+        field_mean=[0.0] * ndim, field_std=[0.02] * ndim,
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def pipe2d() -> DiffuseRegPipeline:
+    pipe = DiffuseRegPipeline(denoiser=tiny_denoiser(2), scheduler=default_scheduler("ddim"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def disc(center: tuple[float, float], radius: float, size: int = SIZE) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    return (((yy - center[0]) ** 2 + (xx - center[1]) ** 2) <= radius**2).float()
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[torch.Tensor, torch.Tensor]:
+    fixed = 0.2 + 0.7 * disc((16, 16), 8)
+    moving = 0.2 + 0.7 * disc((18, 15), 6)
+    return fixed, moving
+
+
+def seed(n: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(n)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
+def test_fields_have_the_input_layout(pipe2d, pair, scheduler):
+    fixed, moving = pair
+    single = pipe2d(fixed, moving, num_inference_steps=3, scheduler=scheduler, generator=seed())
+    assert single.field.shape == (2, SIZE, SIZE) and single.warped.shape == (SIZE, SIZE)
+    assert single.num_steps_run == 3 and torch.isfinite(single.field).all()
+
+    batched = pipe2d(torch.stack([fixed] * 3)[:, None], torch.stack([moving] * 3)[:, None], num_inference_steps=2,
+                     scheduler=scheduler, generator=seed(), output_type="np")
+    assert isinstance(batched.field, np.ndarray) and batched.field.shape == (3, 2, SIZE, SIZE)
+
+
+def test_2d_model_registers_a_volume_slice_by_slice(pipe2d, pair):
+    fixed, moving = pair
+    volume_f, volume_m = torch.stack([fixed] * 4), torch.stack([moving] * 4)
+    labels = (volume_m > 0.5).long()
+    out = pipe2d(volume_f, volume_m, moving_labels=labels, num_inference_steps=2, generator=seed())
+    assert out.field.shape == (3, 4, SIZE, SIZE)
+    assert torch.count_nonzero(out.field[0]) == 0, "a 2D model must not move anything across slices"
+    assert out.warped.shape == (4, SIZE, SIZE)
+    assert out.warped_labels.dtype == torch.int64 and set(out.warped_labels.unique().tolist()) <= {0, 1}
+
+
+def test_3d_model_takes_the_volume_whole(pair):
+    pipe = DiffuseRegPipeline(denoiser=tiny_denoiser(3), scheduler=default_scheduler("ddim"))
+    pipe.set_progress_bar_config(disable=True)
+    fixed = torch.rand(SIZE, SIZE, SIZE, generator=seed(1))
+    out = pipe(fixed, fixed.flip(0), num_inference_steps=1, generator=seed())
+    assert out.field.shape == (3, SIZE, SIZE, SIZE)
+
+
+def test_same_seed_same_field_other_seed_other_field(pipe2d, pair):
+    fixed, moving = pair
+    for scheduler in ("ddim", "ddpm"):
+        a = pipe2d(fixed, moving, num_inference_steps=3, scheduler=scheduler, generator=seed(7)).field
+        b = pipe2d(fixed, moving, num_inference_steps=3, scheduler=scheduler, generator=seed(7)).field
+        c = pipe2d(fixed, moving, num_inference_steps=3, scheduler=scheduler, generator=seed(8)).field
+        assert torch.equal(a, b)
+        assert not torch.allclose(a, c)
+
+
+def test_callback_stops_at_step_3_of_10(pipe2d, pair):
+    fixed, moving = pair
+    seen = []
+
+    def stop_after_three(pipe, step, timestep, kwargs):
+        seen.append(step)
+        assert set(kwargs) == {"x0", "warped", "field_t"}
+        if step == 2:
+            pipe.interrupt = True
+        return kwargs
+
+    out = pipe2d(fixed, moving, num_inference_steps=10, callback_on_step_end=stop_after_three,
+                 callback_on_step_end_tensor_inputs=["x0", "warped", "field_t"], generator=seed())
+    assert out.num_steps_run == 3
+    assert seen == [0, 1, 2]
+
+
+def test_callback_replacing_the_field_changes_the_result(pipe2d, pair):
+    fixed, moving = pair
+    plain = pipe2d(fixed, moving, num_inference_steps=4, generator=seed()).field
+
+    def push(pipe, step, timestep, kwargs):
+        if step == 1:
+            kwargs["field_t"] = kwargs["field_t"] + 1.0
+        return kwargs
+
+    pushed = pipe2d(fixed, moving, num_inference_steps=4, callback_on_step_end=push,
+                    callback_on_step_end_tensor_inputs=["field_t"], generator=seed()).field
+    assert (pushed - plain).abs().mean() > 1e-3
+
+
+def test_image_features_are_computed_once_per_call(pipe2d, pair, monkeypatch):
+    fixed, moving = pair
+    calls = []
+    original = pipe2d.denoiser.encode_condition
+    monkeypatch.setattr(pipe2d.denoiser, "encode_condition", lambda f, m: calls.append(1) or original(f, m))
+    pipe2d(fixed, moving, num_inference_steps=5, generator=seed())
+    assert len(calls) == 1
+
+
+def test_num_samples_gives_an_uncertainty_map(pipe2d, pair):
+    fixed, moving = pair
+    out = pipe2d(fixed, moving, num_inference_steps=3, num_samples=4, generator=seed())
+    assert out.uncertainty.shape == out.field.shape
+    assert out.uncertainty.mean() > 0
+    single = pipe2d(fixed, moving, num_inference_steps=3, generator=seed())
+    assert single.uncertainty is None
+
+
+def test_trajectory_has_one_entry_per_step(pipe2d, pair):
+    fixed, moving = pair
+    out = pipe2d(fixed, moving, num_inference_steps=4, return_trajectory=True, generator=seed())
+    assert out.trajectory["steps"] == [0, 1, 2, 3]
+    assert out.trajectory["fields"].shape == (4, 1, 2, SIZE, SIZE)
+    assert out.trajectory["warped"].shape == (4, 1, 1, SIZE, SIZE)
+    assert torch.allclose(out.trajectory["fields"][-1, 0], out.field)
+
+
+def _guided(pipe, pair, guide, steps=4):
+    fixed, moving = pair
+    plain = pipe(fixed, moving, num_inference_steps=steps, generator=seed()).field
+    guided = pipe(fixed, moving, num_inference_steps=steps, guidance=[guide], generator=seed()).field
+    return plain[None], guided[None]
+
+
+def test_smoothness_guidance_lowers_gradient_energy(pipe2d, pair):
+    plain, guided = _guided(pipe2d, pair, SmoothnessGuidance(scale=0.05))
+    assert gradient_loss(guided) < 0.5 * gradient_loss(plain)
+
+
+def test_direction_guidance_moves_the_mean_displacement_to_the_target(pipe2d, pair):
+    mask = disc((16, 16), 8)
+    target = torch.tensor([2.0, -1.0])
+    plain, guided = _guided(pipe2d, pair, DirectionGuidance(displacement=target.tolist(), mask=mask, scale=0.3))
+
+    def error(field):
+        mean = (field[0] * mask).sum(dim=(1, 2)) / mask.sum()
+        return (mean - target).norm()
+
+    assert error(guided) < 0.5 * error(plain)
+
+
+def test_organ_mask_guidance_improves_overlap_of_the_organ(pipe2d, pair):
+    fixed_mask, moving_mask = disc((16, 16), 8), disc((18, 15), 6)
+    plain, guided = _guided(pipe2d, pair, OrganMaskGuidance(fixed_mask, moving_mask=moving_mask, scale=0.5))
+
+    def mismatch(field):
+        return ((warp(moving_mask[None, None], field) - fixed_mask) ** 2).mean()
+
+    assert mismatch(guided) < mismatch(plain)
+
+
+def test_similarity_guidance_and_a_user_function_raise_similarity(pipe2d, pair):
+    fixed, moving = pair
+
+    def dissimilarity(field):
+        return ssim_loss(warp(moving[None, None], field), fixed[None, None])
+
+    plain, guided = _guided(pipe2d, pair, SimilarityGuidance(scale=0.5))
+    assert dissimilarity(guided) < dissimilarity(plain)
+
+    def mse(field, f, m):
+        return ((warp(m, field) - f) ** 2).mean()
+
+    plain, guided = _guided(pipe2d, pair, FunctionGuide(mse, scale=1.0))
+    assert dissimilarity(guided) < dissimilarity(plain)
+
+
+def test_guidance_acts_only_in_its_range(pipe2d, pair):
+    fixed, moving = pair
+    plain = pipe2d(fixed, moving, num_inference_steps=4, generator=seed()).field
+    never = pipe2d(fixed, moving, num_inference_steps=4, generator=seed(),
+                   guidance=[SmoothnessGuidance(scale=0.05, start=1.0, end=1.0)]).field
+    assert torch.equal(plain, never)
+
+
+def test_early_stopping_stops_once_the_estimate_settles():
+    class Recorder:
+        interrupt = False
+
+    pipe = Recorder()
+    stopper = EarlyStopping(tolerance=0.1, patience=2)
+    estimates = [torch.full((1, 2, 4, 4), v) for v in (0.0, 1.0, 1.05, 1.08, 1.09)]
+    for step, x0 in enumerate(estimates):
+        stopper(pipe, step, 0, {"x0": x0})
+        if pipe.interrupt:
+            break
+    assert stopper.stopped_at == 3
+    assert stopper.changes == pytest.approx([1.0, 0.05, 0.03], rel=1e-5)
+
+
+def test_early_stopping_in_the_pipeline_reports_fewer_steps(pipe2d, pair):
+    fixed, moving = pair
+    stopper = EarlyStopping(tolerance=1e6, patience=1)
+    out = pipe2d(fixed, moving, num_inference_steps=8, callback_on_step_end=stopper, generator=seed())
+    assert out.num_steps_run == 2 and stopper.stopped_at == 1
+
+
+def test_recorder_and_bad_inputs(pipe2d, pair):
+    fixed, moving = pair
+    recorder = TrajectoryRecorder(every=2)
+    pipe2d(fixed, moving, num_inference_steps=5, callback_on_step_end=[recorder], generator=seed())
+    assert recorder.steps == [0, 2, 4]
+    with pytest.raises(ValueError, match="same shape"):
+        pipe2d(fixed, moving[:16], num_inference_steps=1)
+    with pytest.raises(ValueError, match="NaN"):
+        pipe2d(fixed * float("nan"), moving, num_inference_steps=1)
+    with pytest.raises(ValueError, match="multiple of"):
+        pipe2d(fixed[:30, :30], moving[:30, :30], num_inference_steps=1)
+
+
+def _hub_cache(tmp_path: Path, saved: Path, repo_id: str) -> Path:
+    """Lay out ``saved`` as huggingface_hub lays out a downloaded model repo."""
+    cache = tmp_path / "hub"
+    repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = "0" * 40
+    shutil.copytree(saved, repo_dir / "snapshots" / commit)
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return cache
+
+
+def test_hub_offline_load_equals_local_load(pipe2d, pair, tmp_path):
+    fixed, moving = pair
+    saved = tmp_path / "saved"
+    pipe2d.save_pretrained(saved)
+    assert (saved / "README.md").exists()
+    assert list(saved.rglob("*.safetensors")) and not list(saved.rglob("*.bin"))
+    local = DiffuseRegPipeline.from_pretrained(saved)
+    local.set_progress_bar_config(disable=True)
+    expected = local(fixed, moving, num_inference_steps=2, generator=seed()).field
+    assert torch.equal(expected, pipe2d(fixed, moving, num_inference_steps=2, generator=seed()).field)
+
+    cache = _hub_cache(tmp_path, saved, "diffusereg-test/tiny")
+    np.save(tmp_path / "fixed.npy", fixed.numpy())
+    np.save(tmp_path / "moving.npy", moving.numpy())
+    script = (
+        "import sys, numpy as np, torch\n"
+        "from diffusereg import DiffuseRegPipeline\n"
+        f"pipe = DiffuseRegPipeline.from_pretrained('diffusereg-test/tiny', cache_dir=r'{cache}')\n"
+        "pipe.set_progress_bar_config(disable=True)\n"
+        f"f = np.load(r'{tmp_path / 'fixed.npy'}'); m = np.load(r'{tmp_path / 'moving.npy'}')\n"
+        "out = pipe(f, m, num_inference_steps=2, generator=torch.Generator().manual_seed(0))\n"
+        f"np.save(r'{tmp_path / 'hub_field.npy'}', out.field.numpy())\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
+    assert np.array_equal(np.load(tmp_path / "hub_field.npy"), expected.numpy())
+
+
+def test_images_with_geometry_come_back_on_the_fixed_grid(tmp_path):
+    """File inputs: preprocessing to the model grid, outputs on the fixed image's own grid."""
+    import SimpleITK as sitk
+
+    from diffusereg.io import Image, write_image
+
+    pipe = DiffuseRegPipeline(denoiser=tiny_denoiser(2), scheduler=default_scheduler("ddim"),
+                              model_spacing=(1.5, 1.5, 3.15), model_size=(32, 32, 32))
+    pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(0)
+    shape = (6, 30, 28)  # (D, H, W): anisotropic, oblique, off-origin
+    direction = tuple(sitk.VersorTransform((0.0, 0.0, 1.0), 0.3).GetMatrix())
+    geometry = dict(spacing=(1.6, 1.4, 8.0), origin=(-20.0, 13.5, 4.0), direction=direction)
+    fixed = Image(array=rng.random(shape).astype(np.float32), **geometry)
+    moving = Image(array=rng.random(shape).astype(np.float32), **geometry)
+    labels = Image(array=(rng.random(shape) > 0.5).astype(np.int16), **geometry)
+    write_image(fixed, tmp_path / "fixed.nii.gz")
+    write_image(moving, tmp_path / "moving.mha")
+
+    out = pipe(tmp_path / "fixed.nii.gz", tmp_path / "moving.mha", moving_labels=labels,
+               num_inference_steps=2, generator=seed())
+    assert out.field.shape == (3, *shape)
+    assert out.warped.shape == shape and out.warped_labels.shape == shape
+    assert set(out.warped_labels.unique().tolist()) <= {0, 1}
+    assert out.grid.same_as(fixed.grid)
+    assert torch.count_nonzero(out.field[0]) == 0  # 2D model: nothing moves across slices
