@@ -277,7 +277,12 @@ def test_save_load_round_trip(make, tmp_path) -> None:  # type: ignore[no-untype
     loaded = type(model).from_pretrained(tmp_path).eval()
     public = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}  # noqa: E731
     assert public(loaded.config) == public(model.config)
-    assert torch.equal(run(loaded), run(model))
+    saved, restored = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == restored.keys()
+    assert all(torch.equal(saved[name], restored[name]) for name in saved)  # bit-identical weights
+    # Weights memory-mapped from safetensors may sit at addresses that make the CPU kernels take
+    # another (equally exact) summation order, so outputs agree to float32 rounding, not bit for bit.
+    torch.testing.assert_close(run(loaded), run(model), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,270 @@
+"""Typed training configurations, read from YAML with clear errors.
+
+A config file is a YAML mapping whose sections match the dataclasses below; every key is
+optional (defaults shown), unknown keys and wrongly typed values raise :class:`ConfigError`
+naming the key. Relative paths are resolved against the current working directory when the
+trainer starts (run from the repository root, or give absolute paths).
+
+Example (``configs/teacher_2d_cpu.yaml``)::
+
+    data: {spatial_dims: 2, acdc_root: ../shared/data/acdc/training, batch_size: 8}
+    model: {channels: [16, 32, 32, 32]}
+    loss: {similarity: ssim, smoothness_weight: 1.0}
+    train: {max_steps: 2000, output_dir: runs/teacher_2d}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+__all__ = [
+    "AugmentConfig",
+    "ConfigError",
+    "DataConfig",
+    "DiffusionConfig",
+    "DiffusionLossConfig",
+    "LoopConfig",
+    "OptimConfig",
+    "TeacherConfig",
+    "TeacherLossConfig",
+    "ValidationConfig",
+    "config_to_dict",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config file or value is invalid; the message names the key and the problem."""
+
+
+@dataclass
+class AugmentConfig:
+    """Random spatial augmentation, applied identically to both images and both label maps
+    of a pair (MONAI dictionary transforms). Rotations are in-plane (the last two axes)."""
+
+    enabled: bool = False
+    affine_prob: float = 0.5
+    rotate_degrees: float = 10.0
+    scale: float = 0.1  # relative, each axis in [1 - scale, 1 + scale]
+    translate_voxels: float = 5.0
+    elastic_prob: float = 0.0
+    flip_prob: float = 0.0  # flips the last (width) axis
+
+
+@dataclass
+class DataConfig:
+    """Where the training and validation pairs come from.
+
+    Either ACDC (``acdc_root``: the folder of ``patientNNN`` directories; ED = fixed,
+    ES = moving, split into train/val patients by :class:`diffusereg.data.ACDCDataset`) or
+    pair lists for :class:`diffusereg.data.PairedDataset` (``pairs``, ``val_pairs``: CSV or
+    JSON files); ``pairs`` wins when both are set.
+    """
+
+    spatial_dims: Literal[2, 3] = 2
+    spacing: list[float] = field(default_factory=lambda: [1.5, 1.5, 3.15])  # model grid voxel size, mm, ITK (x, y, z)
+    size: list[int] = field(default_factory=lambda: [32, 128, 128])  # model grid shape (D, H, W); 2D uses (H, W)
+    acdc_root: str | None = "../shared/data/acdc/training"
+    train_split: Literal["train", "val", "all"] = "train"
+    val_split: Literal["train", "val", "all"] = "val"
+    train_patients: list[str] | None = None  # restrict training to these patients (e.g. tests)
+    val_patients: list[str] | None = None
+    skip_empty_slices: bool = True  # 2D only: drop slices without any foreground label
+    pairs: str | None = None
+    val_pairs: str | None = None
+    batch_size: int = 1  # per process
+    num_workers: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a cosine learning-rate decay from ``lr`` to ``min_lr`` over ``max_steps``."""
+
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    min_lr: float = 1e-6
+    warmup_steps: int = 0  # linear warm-up from lr/100 before the cosine decay
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    ema_decay: float | None = None  # e.g. 0.999; None: no EMA
+
+
+@dataclass
+class LoopConfig:
+    """The training loop: length, seeds, precision, logging and checkpoint cadence.
+
+    ``max_steps`` counts optimizer steps; each process draws ``data.batch_size`` pairs per
+    step, so the effective batch is ``batch_size * num_processes``.
+    """
+
+    output_dir: str = "runs/train"
+    max_steps: int = 1000
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "no"  # auto: bf16 on a GPU that has it
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
+
+
+@dataclass
+class ValidationConfig:
+    """Validation on the validation pairs (main process): Dice per ACDC structure and NJD."""
+
+    every: int = 500  # steps; 0 disables (a final validation still runs at max_steps)
+    max_pairs: int | None = None  # first N validation items only (None: all)
+    batch_size: int = 8
+    num_inference_steps: int = 10  # diffusion only: DDIM steps of the validation sampling
+
+
+@dataclass
+class TeacherLossConfig:
+    """Unsupervised registration loss of the teacher, plus optional label supervision.
+
+    ``similarity`` is ``1 - SSIM`` or negative local NCC (window ``similarity_window``);
+    ``smoothness_weight`` scales the mean squared field gradient (voxels^2);
+    ``dice_weight > 0`` ADDS LABEL SUPERVISION (soft Dice of the warped one-hot moving labels
+    against the fixed labels; the data must have labels), making the teacher semi-supervised.
+    """
+
+    similarity: Literal["ssim", "ncc"] = "ssim"
+    similarity_window: int = 9
+    smoothness_weight: float = 1.0
+    dice_weight: float = 0.0
+    num_labels: int = 4  # label values 0 .. num_labels - 1 (ACDC: 4)
+
+
+@dataclass
+class DiffusionLossConfig:
+    """The paper's objective: MSE(eps_hat, eps) + similarity_weight * (1 - SSIM(f, m o phi0_hat))
+    + smoothness_weight * mean squared gradient(phi0_hat) (lambda1 = 1, lambda2 = 0.1)."""
+
+    similarity_weight: float = 1.0
+    smoothness_weight: float = 0.1
+    ssim_window: int = 9
+
+
+@dataclass
+class TeacherConfig:
+    """Stage 1: the one-shot registration network that gives phi0 (``model`` is passed to
+    :class:`diffusereg.models.RegistrationNet` as keyword arguments)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict[str, Any] = field(default_factory=dict)
+    loss: TeacherLossConfig = field(default_factory=TeacherLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    cache_dtype: Literal["float16", "float32"] = "float16"  # storage type of the phi0 cache
+
+
+@dataclass
+class DiffusionConfig:
+    """Stage 2: the denoiser (``model`` is passed to :class:`diffusereg.models.DiffuseRegDenoiser`).
+
+    ``teacher`` is the output directory of stage 1 (``phi0/``, ``field_stats.json``,
+    ``teacher/``). ``phi0_source: cache`` reads phi0 from ``phi0/``; ``teacher`` runs the
+    frozen teacher on every (possibly augmented) batch instead, which augmentation requires.
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict[str, Any] = field(default_factory=dict)
+    loss: DiffusionLossConfig = field(default_factory=DiffusionLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    teacher: str = "runs/teacher_2d"
+    phi0_source: Literal["cache", "teacher"] = "cache"
+
+    def __post_init__(self) -> None:
+        if self.data.augment.enabled and self.phi0_source == "cache":
+            raise ConfigError("data.augment.enabled needs phi0_source: teacher "
+                              "(the cached phi0 fit the un-augmented pairs only)")
+
+
+Config = TypeVar("Config", TeacherConfig, DiffusionConfig)
+
+
+def load_config(path: str | Path, kind: type[Config]) -> Config:
+    """Read a YAML file into ``kind`` (:class:`TeacherConfig` or :class:`DiffusionConfig`).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ConfigError: invalid YAML, unknown keys, wrong types (the message names the key).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    try:
+        return _build(kind, raw, "")
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def config_to_dict(config: TeacherConfig | DiffusionConfig) -> dict[str, Any]:
+    """Plain nested dict of a config (what ``config.yaml`` in an output directory holds)."""
+    return dataclasses.asdict(config)
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Instantiate dataclass ``cls`` from mapping ``raw``; ``where`` is the dotted key prefix."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'the file'} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(where + k for k in unknown)}; allowed under "
+                          f"{where.rstrip('.') or 'the top level'}: {', '.join(names)}")
+    values = {name: _coerce(raw[name], hints[name], f"{where}{name}") for name in names if name in raw}
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against type ``hint`` (numbers written as strings such as YAML's ``1e-4``
+    become floats); raises :class:`ConfigError` naming ``key``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError("; ".join(errors))
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is float and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint in (str, bool) and isinstance(value, hint):
+        return value
+    raise ConfigError(f"{key} must be {getattr(hint, '__name__', hint)}, got {value!r}")

@@ -1,0 +1,169 @@
+"""The training objectives of both stages, each in one function.
+
+- :func:`diffusion_loss`: DiffuseReg's Eq. 3 (Sec. 2.0.6-2.0.7),
+  ``L = ||eps_hat - eps||^2 + lambda1 (1 - SSIM(f, m o phi0_hat)) + lambda2 mean|grad phi0_hat|^2``.
+- :func:`registration_loss`: the teacher's unsupervised loss (similarity + smoothness,
+  optionally + soft label Dice).
+
+Fields are ``(B, ndim, *S)`` displacements in voxels; images ``(B, 1, *S)`` in ``[0, 1]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
+from torch import Tensor, nn
+
+from diffusereg.losses import dice_loss, gradient_loss, ncc_loss, ssim_loss
+from diffusereg.spatial import warp
+
+__all__ = ["DiffusionLoss", "RegistrationLoss", "diffusion_loss", "registration_loss", "zscore_statistics"]
+
+
+@dataclass
+class DiffusionLoss:
+    """Parts of the diffusion objective (scalars); ``total`` is what is minimised.
+
+    Attributes:
+        total: ``noise + similarity_weight * similarity + smoothness_weight * smoothness``.
+        noise: ``MSE(eps_hat, eps)`` on the z-scored field.
+        similarity: ``1 - SSIM(fixed, warp(moving, phi0_hat))``.
+        smoothness: mean squared forward difference of ``phi0_hat`` (voxels^2).
+        phi0_hat: the predicted clean field ``(B, ndim, *S)`` in voxels (for inspection).
+    """
+
+    total: Tensor
+    noise: Tensor
+    similarity: Tensor
+    smoothness: Tensor
+    phi0_hat: Tensor
+
+    def parts(self) -> dict[str, Tensor]:
+        """The scalar terms by name (what the trainer logs)."""
+        return {"loss": self.total, "noise": self.noise, "similarity": self.similarity, "smoothness": self.smoothness}
+
+
+@dataclass
+class RegistrationLoss:
+    """Parts of the teacher loss (scalars); ``dice`` is ``None`` without label supervision."""
+
+    total: Tensor
+    similarity: Tensor
+    smoothness: Tensor
+    dice: Tensor | None
+
+    def parts(self) -> dict[str, Tensor]:
+        """The scalar terms by name; an absent Dice term is logged as 0."""
+        dice = self.dice if self.dice is not None else torch.zeros_like(self.total)
+        return {"loss": self.total, "similarity": self.similarity, "smoothness": self.smoothness, "dice": dice}
+
+
+def zscore_statistics(mean: Sequence[float], std: Sequence[float], like: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-axis field mean and std (voxels) shaped ``(1, ndim, 1, ..., 1)`` on ``like``'s device."""
+    ndim = len(mean)
+    shape = (1, ndim) + (1,) * ndim
+    return tuple(torch.tensor(list(v), dtype=torch.float32, device=like.device).reshape(shape) for v in (mean, std))
+
+
+def diffusion_loss(
+    denoiser: nn.Module,
+    scheduler: DDPMScheduler | DDIMScheduler,
+    fixed: Tensor,
+    moving: Tensor,
+    phi0: Tensor,
+    field_mean: Sequence[float],
+    field_std: Sequence[float],
+    generator: torch.Generator | None = None,
+    similarity_weight: float = 1.0,
+    smoothness_weight: float = 0.1,
+    ssim_window: int = 9,
+    timesteps: Tensor | None = None,
+) -> DiffusionLoss:
+    """DiffuseReg's training objective for one batch (paper Eq. 3 and 4).
+
+    ``phi0`` is z-scored per axis, noised with the scheduler's ``add_noise``
+    (``phi_t = sqrt(a_t) phi0 + sqrt(1 - a_t) eps``), the denoiser predicts ``eps_hat``, and
+    ``phi0_hat = (phi_t - sqrt(1 - a_t) eps_hat) / sqrt(a_t)`` is de-normalised to voxels
+    (``x * std + mean``) before warping and before the smoothness penalty.
+
+    Args:
+        denoiser: ``denoiser(sample, timestep, fixed=, moving=).sample`` -> ``eps_hat``.
+        scheduler: gives ``alphas_cumprod``, ``add_noise`` and ``num_train_timesteps``.
+        fixed, moving: ``(B, 1, *S)`` images in ``[0, 1]``.
+        phi0: ``(B, ndim, *S)`` teacher field in voxels.
+        field_mean, field_std: per-axis statistics of the training fields (voxels).
+        generator: draws ``eps`` and ``t`` (on the images' device).
+        similarity_weight, smoothness_weight: lambda1 and lambda2 of the paper.
+        ssim_window: SSIM window size (paper: 9).
+        timesteps: ``(B,)`` integer timesteps to use instead of uniform random ones.
+    """
+    mean, std = zscore_statistics(field_mean, field_std, phi0)
+    phi0_z = (phi0.float() - mean) / std
+    batch = phi0.shape[0]
+    if timesteps is None:
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,),
+                                  generator=generator, device=phi0.device)
+    noise = torch.randn(phi0_z.shape, generator=generator, device=phi0.device)
+    phi_t = scheduler.add_noise(phi0_z, noise, timesteps)
+    noise_hat = denoiser(phi_t, timesteps, fixed=fixed, moving=moving).sample.float()
+
+    alpha_bar = scheduler.alphas_cumprod.to(phi0.device)[timesteps].reshape(batch, *([1] * (phi0.ndim - 1)))
+    phi0_hat = (phi_t - (1 - alpha_bar).sqrt() * noise_hat) / alpha_bar.sqrt() * std + mean
+    noise_term = F.mse_loss(noise_hat, noise)
+    similarity = ssim_loss(fixed.float(), warp(moving.float(), phi0_hat), kernel_size=ssim_window)
+    smoothness = gradient_loss(phi0_hat)
+    total = noise_term + similarity_weight * similarity + smoothness_weight * smoothness
+    return DiffusionLoss(total=total, noise=noise_term, similarity=similarity, smoothness=smoothness, phi0_hat=phi0_hat)
+
+
+def registration_loss(
+    field: Tensor,
+    fixed: Tensor,
+    moving: Tensor,
+    similarity: Literal["ssim", "ncc"] = "ssim",
+    similarity_window: int = 9,
+    smoothness_weight: float = 1.0,
+    dice_weight: float = 0.0,
+    fixed_labels: Tensor | None = None,
+    moving_labels: Tensor | None = None,
+    num_labels: int = 4,
+) -> RegistrationLoss:
+    """The teacher's loss for a predicted field: ``sim(f, m o u) + w_s mean|grad u|^2 [+ w_d Dice]``.
+
+    Args:
+        field: ``(B, ndim, *S)`` predicted displacement in voxels.
+        fixed, moving: ``(B, 1, *S)`` images in ``[0, 1]``.
+        similarity: ``"ssim"`` (``1 - SSIM``) or ``"ncc"`` (negative squared local NCC).
+        similarity_window: window size of either similarity.
+        smoothness_weight: weight of :func:`diffusereg.losses.gradient_loss`.
+        dice_weight: weight of the soft Dice loss between the warped one-hot moving labels
+            (bilinear) and the one-hot fixed labels; 0 keeps the loss unsupervised.
+        fixed_labels, moving_labels: ``(B, 1, *S)`` integer labels, needed when ``dice_weight > 0``.
+        num_labels: number of label values (one-hot channels).
+    """
+    warped = warp(moving.float(), field)
+    if similarity == "ssim":
+        similarity_term = ssim_loss(fixed.float(), warped, kernel_size=similarity_window)
+    elif similarity == "ncc":
+        similarity_term = ncc_loss(fixed.float(), warped, kernel_size=similarity_window)
+    else:
+        raise ValueError(f"similarity must be 'ssim' or 'ncc', got {similarity!r}")
+    smoothness = gradient_loss(field)
+    total = similarity_term + smoothness_weight * smoothness
+    dice = None
+    if dice_weight > 0:
+        if fixed_labels is None or moving_labels is None:
+            raise ValueError("dice_weight > 0 needs fixed_labels and moving_labels")
+        dice = dice_loss(warp(_one_hot(moving_labels, num_labels), field), _one_hot(fixed_labels, num_labels))
+        total = total + dice_weight * dice
+    return RegistrationLoss(total=total, similarity=similarity_term, smoothness=smoothness, dice=dice)
+
+
+def _one_hot(labels: Tensor, num_labels: int) -> Tensor:
+    """``(B, 1, *S)`` integer labels -> ``(B, num_labels, *S)`` float one-hot maps."""
+    return F.one_hot(labels[:, 0].long(), num_labels).movedim(-1, 1).float()

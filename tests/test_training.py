@@ -1,0 +1,329 @@
+"""Training: configs, objectives, both stages on two ACDC patients, exact resume, two processes.
+
+Tiny models on coarse slices (32 x 32 at 6 mm in-plane) keep the file fast on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from diffusereg.models import DenoiserOutput, DiffuseRegDenoiser, RegistrationNet
+from diffusereg.pipelines import DiffuseRegPipeline, default_scheduler
+from diffusereg.training import (
+    ConfigError,
+    DataConfig,
+    DiffusionConfig,
+    DiffusionStage,
+    FieldStatistics,
+    LoopConfig,
+    OptimConfig,
+    Stage,
+    TeacherConfig,
+    TeacherStage,
+    Trainer,
+    ValidationConfig,
+    diffusion_loss,
+    load_config,
+    registration_loss,
+)
+from diffusereg.training.cli import apply_overrides, register
+from diffusereg.training.config import AugmentConfig, config_to_dict
+from diffusereg.training.data import augment_batch, build_augmentation, build_dataset, pair_ids
+
+REPO = Path(__file__).resolve().parents[1]
+PATIENTS = ["patient001", "patient002"]
+TINY_TEACHER = {"channels": [8, 8, 8, 8], "unet_out_channels": 8, "final_conv_channels": [8], "integration_steps": 0}
+TINY_DENOISER = {"feature_size": 8, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1], "share_image_encoder": True}
+
+
+def tiny_data(acdc_root: Path, batch_size: int = 2) -> DataConfig:
+    """Two training patients and one validation patient, 2D slices of 32 x 32 at 6 mm."""
+    return DataConfig(spatial_dims=2, spacing=[6.0, 6.0, 3.15], size=[32, 32, 32], acdc_root=str(acdc_root),
+                      train_patients=PATIENTS, val_patients=["patient010"], batch_size=batch_size)
+
+
+def tiny_teacher_config(acdc_root: Path, output: Path, max_steps: int = 6, batch_size: int = 16) -> TeacherConfig:
+    return TeacherConfig(
+        data=tiny_data(acdc_root, batch_size), model=dict(TINY_TEACHER), optim=OptimConfig(lr=1e-3),
+        train=LoopConfig(output_dir=str(output), max_steps=max_steps, log_every=1, checkpoint_every=100),
+        validation=ValidationConfig(every=0, max_pairs=4, batch_size=4),
+    )
+
+
+def tiny_diffusion_config(acdc_root: Path, teacher: Path, output: Path, max_steps: int = 6,
+                          batch_size: int = 16) -> DiffusionConfig:
+    return DiffusionConfig(
+        data=tiny_data(acdc_root, batch_size), model=dict(TINY_DENOISER), teacher=str(teacher),
+        optim=OptimConfig(lr=1e-3, ema_decay=0.9),
+        train=LoopConfig(output_dir=str(output), max_steps=max_steps, log_every=1, checkpoint_every=100),
+        validation=ValidationConfig(every=0, max_pairs=4, batch_size=4, num_inference_steps=2),
+    )
+
+
+@dataclass
+class ResumeRuns:
+    """A 6-step run straight (``straight``) and the same run stopped at step 3 and resumed
+    (``split``), with the pair ids each saw in order, and their trainers at the end."""
+
+    straight: Path
+    split: Path
+    straight_seen: list[str]
+    split_seen: list[str]
+    reference: Trainer
+    resumed: Trainer
+
+
+def straight_and_resumed(make_stage: Callable[[Path], Stage], root: Path) -> ResumeRuns:
+    """Run ``make_stage(output)`` for 6 steps straight, and 3 steps + resume + 3 steps."""
+
+    def run(trainer: Trainer, seen: list[str], until: int | None = None) -> Trainer:
+        trainer.fit(until_step=until, on_step=lambda step, batch, losses: seen.extend(pair_ids(batch)))
+        return trainer
+
+    straight, split = root / "straight", root / "split"
+    straight_seen, split_seen = [], []
+    reference = run(Trainer(make_stage(straight)), straight_seen)
+    run(Trainer(make_stage(split)), split_seen, until=3)
+    resumed = Trainer(make_stage(split), resume=True)
+    assert resumed.step == 3
+    run(resumed, split_seen)
+    return ResumeRuns(straight, split, straight_seen, split_seen, reference, resumed)
+
+
+@pytest.fixture(scope="module")
+def teacher_runs(acdc_root: Path, tmp_path_factory: pytest.TempPathFactory) -> ResumeRuns:
+    """Teacher runs on two patients (60 slices, batches of 16: 4-step epochs)."""
+    return straight_and_resumed(lambda output: TeacherStage(tiny_teacher_config(acdc_root, output)),
+                                tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(teacher_runs: ResumeRuns) -> Path:
+    """Output of the straight teacher run (model, phi0 cache, field_stats.json)."""
+    return teacher_runs.straight
+
+
+@pytest.fixture(scope="module")
+def diffusion_runs(acdc_root: Path, teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ResumeRuns:
+    """Diffusion runs on the teacher's cache, with EMA."""
+    return straight_and_resumed(
+        lambda output: DiffusionStage(tiny_diffusion_config(acdc_root, teacher_dir, output)),
+        tmp_path_factory.mktemp("diffusion"))
+
+
+def read_log(output: Path) -> list[dict[str, str]]:
+    with (output / "log.csv").open(newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+# ---------------------------------------------------------------- configs and CLI
+
+
+def test_repository_configs_load() -> None:
+    for name, kind in [("teacher_2d_cpu", TeacherConfig), ("teacher_3d_gpu", TeacherConfig),
+                       ("diffusion_2d_cpu", DiffusionConfig), ("diffusion_3d_gpu", DiffusionConfig)]:
+        config = load_config(REPO / "configs" / f"{name}.yaml", kind)
+        assert config.data.spatial_dims == (2 if "2d" in name else 3)
+        assert isinstance(config.optim.lr, float)
+
+
+def test_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_config(tmp_path / "missing.yaml", TeacherConfig)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_step: 10\n")
+    with pytest.raises(ConfigError, match=r"train\.max_step.*allowed.*max_steps"):
+        load_config(bad, TeacherConfig)
+    bad.write_text("optim:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match=r"optim\.lr must be float"):
+        load_config(bad, TeacherConfig)
+    bad.write_text("data:\n  augment:\n    enabled: true\n")
+    with pytest.raises(ConfigError, match="phi0_source: teacher"):
+        load_config(bad, DiffusionConfig)
+    good = tmp_path / "good.yaml"
+    good.write_text("optim:\n  lr: 1e-3\ndata:\n  spatial_dims: 3\n")  # YAML reads 1e-3 as a string
+    config = load_config(good, DiffusionConfig)
+    assert config.optim.lr == 1e-3 and config.data.spatial_dims == 3
+
+
+def test_cli_overrides(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "diffusion", "--config", "c.yaml", "--data", str(tmp_path),
+                              "--output", "out", "--max-steps", "7", "--teacher", "t"])
+    config = DiffusionConfig()
+    apply_overrides(config, args)
+    assert (config.data.acdc_root, config.train.output_dir, config.train.max_steps, config.teacher) == (
+        str(tmp_path), "out", 7, "t")
+    args = parser.parse_args(["train", "teacher", "--config", str(tmp_path / "none.yaml")])
+    assert args.handler(args) == 2  # missing config file: an error message, exit code 2
+
+
+# ---------------------------------------------------------------- objectives
+
+
+@pytest.mark.acdc
+def test_objectives_decrease_on_a_fixed_batch(acdc_root: Path) -> None:
+    """A few optimizer steps on one ACDC batch with fixed noise and timestep lower each loss."""
+    dataset = build_dataset(tiny_data(acdc_root), "train")
+    batch = {k: torch.stack([dataset[i][k] for i in (5, 40)]) for k in ("fixed", "moving")}
+    torch.manual_seed(0)
+    teacher = RegistrationNet(spatial_dims=2, **TINY_TEACHER)
+    denoiser = DiffuseRegDenoiser(spatial_dims=2, **TINY_DENOISER)
+    scheduler = default_scheduler("ddpm")
+    phi0 = torch.nn.functional.avg_pool2d(torch.randn(2, 2, 32, 32), 9, 1, 4) * 3
+
+    def teacher_loss() -> torch.Tensor:
+        return registration_loss(teacher(batch["fixed"], batch["moving"]), batch["fixed"], batch["moving"]).total
+
+    def denoiser_loss() -> torch.Tensor:
+        return diffusion_loss(denoiser, scheduler, batch["fixed"], batch["moving"], phi0, [0.0, 0.0], [1.0, 1.0],
+                              generator=torch.Generator().manual_seed(0), timesteps=torch.tensor([100, 300])).total
+
+    for model, loss_fn, lr in [(teacher, teacher_loss, 3e-3), (denoiser, denoiser_loss, 1e-3)]:
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        losses = []
+        for _ in range(8):
+            loss = loss_fn()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert sum(losses[-2:]) < sum(losses[:2]), losses
+
+
+def test_diffusion_loss_denormalises_phi0_hat() -> None:
+    """Given the true noise, phi0_hat is phi0 in voxels again (the z-scoring is undone)."""
+    phi0 = torch.randn(1, 2, 32, 32) * 2 + 1
+    noise = torch.randn(phi0.shape, generator=torch.Generator().manual_seed(3))  # what diffusion_loss draws
+
+    class Oracle(torch.nn.Module):
+        def forward(self, sample: torch.Tensor, timestep: torch.Tensor, fixed: torch.Tensor,
+                    moving: torch.Tensor) -> DenoiserOutput:
+            return DenoiserOutput(sample=noise)
+
+    images = torch.rand(1, 1, 32, 32)
+    out = diffusion_loss(Oracle(), default_scheduler("ddpm"), images, images, phi0, [1.0, -0.5], [2.0, 0.5],
+                         generator=torch.Generator().manual_seed(3), timesteps=torch.tensor([1500]))
+    assert out.noise.item() == 0.0
+    torch.testing.assert_close(out.phi0_hat, phi0, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(out.smoothness, torch.stack([phi0.diff(dim=d).square().mean() for d in (2, 3)]).mean())
+
+
+# ---------------------------------------------------------------- the two stages
+
+
+@pytest.mark.acdc
+def test_teacher_writes_model_cache_and_statistics(teacher_dir: Path, acdc_root: Path) -> None:
+    stats = FieldStatistics.load(teacher_dir / "field_stats.json")
+    dataset = build_dataset(tiny_data(acdc_root), "train")
+    assert stats.num_fields == len(dataset) == len(list((teacher_dir / "phi0").glob("*.safetensors")))
+    assert len(stats.mean) == len(stats.std) == 2 and all(s > 0 for s in stats.std)
+    assert stats.cache_dtype == "float16" and stats.cache_max_abs_error < 1e-2
+    teacher = RegistrationNet.from_pretrained(teacher_dir / "teacher")
+    assert teacher.config.channels == TINY_TEACHER["channels"]
+    rows = read_log(teacher_dir)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert float(rows[-1]["val_Dice_Overall"]) > 0.5 and rows[-1]["val_NJD_percent"] != ""
+
+
+@pytest.mark.acdc
+def test_diffusion_saves_a_loadable_pipeline(diffusion_runs: ResumeRuns, teacher_dir: Path) -> None:
+    rows = read_log(diffusion_runs.straight)
+    assert {"noise", "similarity", "smoothness", "val_Dice_Overall"} <= set(rows[-1])
+    assert rows[-1]["step"] == "6" and rows[-1]["val_Dice_Overall"] != ""
+    pipe = DiffuseRegPipeline.from_pretrained(diffusion_runs.straight / "pipeline")
+    stats = FieldStatistics.load(teacher_dir / "field_stats.json")
+    assert pipe.denoiser.config.field_mean == stats.mean and pipe.denoiser.config.field_std == stats.std
+    ema_weights = dict(zip(diffusion_runs.reference.unwrapped.state_dict(), diffusion_runs.reference.ema.shadow_params))
+    torch.testing.assert_close(pipe.denoiser.state_dict()["time_embedding.linear_1.weight"],
+                               ema_weights["time_embedding.linear_1.weight"])  # the EMA weights are exported
+    pipe.set_progress_bar_config(disable=True)
+    images = torch.rand(2, 1, 1, 32, 32)
+    out = pipe(images[0], images[1], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.field.shape == (1, 2, 32, 32)
+
+
+@pytest.mark.acdc
+@pytest.mark.parametrize("stage", ["teacher", "diffusion"])
+def test_resume_repeats_a_straight_run(stage: str, request: pytest.FixtureRequest) -> None:
+    """6 steps straight == 3 steps, stop, resume, 3 more: same data order, weights, EMA, LR and
+    logged losses. 60 slices in batches of 16 make 4-step epochs, so the resumed half starts
+    mid-epoch and crosses into the next one."""
+    runs: ResumeRuns = request.getfixturevalue(f"{stage}_runs")
+    slices = len(runs.reference.train_dataset)
+    assert runs.split_seen == runs.straight_seen and len(runs.straight_seen) == slices + 2 * 16
+    assert len(set(runs.straight_seen[:slices])) == slices  # the first epoch sees every slice once
+    assert runs.reference.lr_scheduler.get_last_lr() == runs.resumed.lr_scheduler.get_last_lr()
+    reference, resumed = runs.reference.unwrapped.state_dict(), runs.resumed.unwrapped.state_dict()
+    for name, weights in reference.items():
+        assert torch.equal(weights, resumed[name]), name
+    if runs.reference.ema is not None:
+        assert all(torch.equal(a, b) for a, b in zip(runs.reference.ema.shadow_params, runs.resumed.ema.shadow_params))
+    assert [r["loss"] for r in read_log(runs.split)] == [r["loss"] for r in read_log(runs.straight)]
+
+
+SHARD_SCRIPT = """
+import json, sys
+from pathlib import Path
+from diffusereg.training import DiffusionConfig, DiffusionStage, Trainer, load_config
+from diffusereg.training.data import pair_ids
+
+trainer = Trainer(DiffusionStage(load_config(sys.argv[1], DiffusionConfig)))
+seen = []
+trainer.fit(until_step=3, on_step=lambda step, batch, losses: seen.extend(pair_ids(batch)))
+record = {"seen": seen, "world": trainer.accelerator.num_processes}
+Path(sys.argv[2] + str(trainer.accelerator.process_index) + ".json").write_text(json.dumps(record))
+trainer.close()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.acdc
+def test_two_processes_train_on_disjoint_shards(teacher_dir: Path, acdc_root: Path, tmp_path: Path) -> None:
+    """Two CPU processes (torchrun + gloo; Accelerate's ``launch --cpu`` starts only one): each
+    rank trains on its own shard of the data, and both save their RNG state in the checkpoint."""
+    config = tiny_diffusion_config(acdc_root, teacher_dir, tmp_path / "run", batch_size=2)
+    config_file, script = tmp_path / "config.yaml", tmp_path / "shards.py"
+    config_file.write_text(yaml.safe_dump(config_to_dict(config)))
+    script.write_text(SHARD_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), str(script), str(config_file), str(tmp_path / "rank")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(r["world"] == 2 and len(r["seen"]) == 3 * 2 for r in records)
+    assert not set(records[0]["seen"]) & set(records[1]["seen"])
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-00000003" / "random_states_1.pkl").is_file()
+
+
+def test_augmentation_is_seeded_and_keeps_labels_integer() -> None:
+    transform = build_augmentation(AugmentConfig(enabled=True, affine_prob=1.0, elastic_prob=1.0, flip_prob=0.5), 2)
+    labels = torch.zeros(2, 1, 32, 32, dtype=torch.int64)
+    labels[:, :, 8:24, 10:20] = 3
+    batch = {"fixed": torch.rand(2, 1, 32, 32), "moving": torch.rand(2, 1, 32, 32),
+             "fixed_labels": labels, "moving_labels": labels.clone(), "patient": ["a", "b"]}
+    first, again = augment_batch(batch, transform, seed=7), augment_batch(batch, transform, seed=7)
+    assert first["fixed_labels"].dtype == torch.int64 and first["fixed"].shape == (2, 1, 32, 32)
+    assert torch.equal(first["fixed"], again["fixed"]) and not torch.equal(first["fixed"], batch["fixed"])
+    assert torch.equal(first["fixed_labels"], first["moving_labels"])  # one transform for the whole pair
+    assert set(first["fixed_labels"].unique().tolist()) <= {0, 3}
