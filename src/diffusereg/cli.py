@@ -1,23 +1,174 @@
-"""The ``diffusereg`` command line."""
+"""The ``diffusereg`` command line: ``register``, ``demo`` and ``train``.
+
+Handlers import the heavy modules (torch, the pipeline) when they run, so ``diffusereg --help``
+builds its parser without them. Exit codes: 0 success, 2 bad input (one-line message on stderr,
+``diffusereg COMMAND: error: ...``), anything else is a bug and shows its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
 
 from diffusereg import __version__
 
+if TYPE_CHECKING:
+    from diffusereg.registration import RegistrationSettings
+
+DEFAULT_MODEL = "diffusereg/acdc-2d"  # the shipped model (a Hugging Face Hub id)
+DEMO_PATIENT = 100
+
+
+def _sampling_options() -> argparse.ArgumentParser:
+    """Options shared by ``register`` and ``demo``: the model and how to sample."""
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_argument_group("model and sampling")
+    group.add_argument("--model", default=DEFAULT_MODEL,
+                       help=f"pipeline folder (save_pretrained output) or Hugging Face Hub id (default: {DEFAULT_MODEL})")
+    group.add_argument("--steps", type=int, default=10, metavar="K", help="sampling steps (default: 10)")
+    group.add_argument("--scheduler", choices=("ddim", "ddpm"), default="ddim",
+                       help="ddim: deterministic (default); ddpm: ancestral sampling")
+    group.add_argument("--guidance", nargs="+", action="extend", default=[], metavar="SPEC",
+                       help="smoothness=SCALE, similarity=SCALE, organ=LABEL[:SCALE] (organ needs both label maps); "
+                            "several allowed")
+    group.add_argument("--samples", type=int, default=1, metavar="N",
+                       help="samples per pair: the field is their mean, uncertainty.nii.gz their spread (default: 1)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
+    group.add_argument("--save-trajectory", action="store_true",
+                       help="also write trajectory.png and trajectory.gif (the sampling steps)")
+    group.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    return options
+
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``diffusereg``; subcommands register themselves here."""
+    """The argument parser of ``diffusereg`` with its subcommands."""
+    from diffusereg.training.cli import register as add_train_command
+
     parser = argparse.ArgumentParser(
         prog="diffusereg",
         description="Deformable image registration by denoising diffusion of the deformation field.",
     )
     parser.add_argument("--version", action="version", version=f"diffusereg {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sampling = _sampling_options()
+
+    register = commands.add_parser(
+        "register", parents=[sampling], help="register a pair of images (or a list of pairs) and write the results",
+        description="Register MOVING to FIXED (NIfTI, MHA/MHD or NRRD; any size, spacing, orientation). Writes into "
+                    "OUTDIR the warped image and labels, the field (field.h5 ITK transform, field.nii.gz), "
+                    "jacobian.nii.gz, uncertainty.nii.gz (--samples > 1) and metrics.json, all on the fixed image's "
+                    "grid. With --pairs, one sub-folder per pair; finished pairs are skipped.")
+    register.add_argument("fixed", nargs="?", type=Path, metavar="FIXED", help="fixed image (defines the output grid)")
+    register.add_argument("moving", nargs="?", type=Path, metavar="MOVING", help="moving image")
+    register.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR", help="output folder")
+    register.add_argument("--fixed-labels", type=Path, metavar="SEG", help="label map of the fixed image")
+    register.add_argument("--moving-labels", type=Path, metavar="SEG", help="label map of the moving image")
+    register.add_argument("--pairs", type=Path, metavar="LIST",
+                          help="CSV/JSON list of pairs (columns fixed, moving[, fixed_labels, moving_labels, name]) "
+                               "instead of FIXED MOVING; split over processes under `accelerate launch`")
+    register.set_defaults(handler=_run_register)
+
+    demo = commands.add_parser(
+        "demo", parents=[sampling], help="register a built-in cardiac phantom (or an ACDC patient) and print Dice",
+        description="Register end-systole to end-diastole of a cardiac cine-MR phantom generated in code (or, with "
+                    "--acdc, of a real ACDC patient), write every output and the trajectory, and print Dice.")
+    demo.add_argument("-o", "--output", type=Path, default=Path("diffusereg-demo"), metavar="OUTDIR",
+                      help="output folder (default: ./diffusereg-demo)")
+    demo.add_argument("--acdc", type=Path, metavar="ACDC_TRAINING_DIR", help="folder of ACDC patientNNN folders")
+    demo.add_argument("--patient", type=int, default=DEMO_PATIENT, help=f"ACDC patient number (default: {DEMO_PATIENT})")
+    demo.set_defaults(handler=_run_demo, save_trajectory=True)
+
+    add_train_command(commands)
     return parser
+
+
+def _settings(args: argparse.Namespace) -> RegistrationSettings:
+    from diffusereg.registration import GuidanceSpec, RegistrationError, RegistrationSettings
+
+    for name in ("steps", "samples"):
+        if getattr(args, name) < 1:
+            raise RegistrationError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    guidance = tuple(GuidanceSpec.parse(text) for text in args.guidance)
+    return RegistrationSettings(steps=args.steps, scheduler=args.scheduler, guidance=guidance, samples=args.samples,
+                                seed=args.seed, save_trajectory=args.save_trajectory)
+
+
+def _device(args: argparse.Namespace) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _summary(metrics: dict[str, Any], output_dir: Path) -> str:
+    """One line about a finished registration."""
+    text = f"{output_dir}: {metrics['steps_run']} steps in {metrics['time_seconds']:.1f} s"
+    if "dice_after" in metrics:
+        key = "Overall" if "Overall" in metrics["dice_after"] else next(iter(metrics["dice_after"]))
+        text += f", Dice {key} {metrics['dice_before'][key]:.3f} -> {metrics['dice_after'][key]:.3f}"
+    return text + f", folding {metrics['NJD_percent']:.2f} % of voxels"
+
+
+def _run_register(args: argparse.Namespace) -> int:
+    from diffusereg.registration import (RegistrationError, check_pair_list, check_request, load_pipeline,
+                                         register_pair, register_pair_list)
+
+    if args.pairs is not None:
+        if args.fixed or args.moving or args.fixed_labels or args.moving_labels:
+            raise RegistrationError("--pairs replaces FIXED MOVING and the label options (labels go in the list)")
+        from accelerate import PartialState
+
+        settings, state = _settings(args), PartialState()
+        check_pair_list(args.pairs, args.output, settings)  # fail before loading the model
+        pipe = load_pipeline(args.model, args.device or state.device)
+        pipe.set_progress_bar_config(disable=True)
+        summary = register_pair_list(pipe, args.pairs, args.output, settings, model_name=args.model, state=state)
+        print(f"{args.output}: registered {len(summary.registered)} pairs, skipped {len(summary.skipped)} finished "
+              f"ones (process {state.process_index} of {state.num_processes})")
+        return 0
+    if args.fixed is None or args.moving is None:
+        raise RegistrationError("give FIXED and MOVING images, or --pairs LIST")
+    settings = _settings(args)
+    check_request(args.fixed, args.moving, args.output, settings, args.fixed_labels, args.moving_labels)
+    pipe = load_pipeline(args.model, _device(args))
+    metrics = register_pair(pipe, args.fixed, args.moving, args.output, settings, fixed_labels=args.fixed_labels,
+                            moving_labels=args.moving_labels, model_name=args.model)
+    print(_summary(metrics, args.output))
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from diffusereg.io import write_image
+    from diffusereg.registration import load_pipeline, register_pair
+
+    settings = _settings(args)
+    pipe = load_pipeline(args.model, _device(args))
+    if args.acdc is not None:
+        from diffusereg.data import read_acdc_patient
+
+        patient = read_acdc_patient(args.acdc / f"patient{args.patient:03d}")
+        inputs = patient.files
+        print(f"ACDC {patient.name} ({patient.group}): ES frame {patient.es} -> ED frame {patient.ed}")
+    else:
+        from diffusereg.data import PairFiles
+        from diffusereg.phantom import cardiac_phantom
+
+        phantom = cardiac_phantom(seed=0)
+        args.output.mkdir(parents=True, exist_ok=True)
+        inputs = PairFiles(*(args.output / f"{name}.nii.gz" for name in ("fixed", "moving", "fixed_labels",
+                                                                          "moving_labels")))
+        for image, path in zip((phantom.ed, phantom.es, phantom.ed_labels, phantom.es_labels),
+                               (inputs.fixed, inputs.moving, inputs.fixed_labels, inputs.moving_labels)):
+            write_image(image, path)
+        print(f"cardiac phantom (end-systole -> end-diastole) written to {args.output}")
+    metrics = register_pair(pipe, inputs.fixed, inputs.moving, args.output, settings, fixed_labels=inputs.fixed_labels,
+                            moving_labels=inputs.moving_labels, model_name=args.model)
+    print(f"{'Dice':<8}{'before':>8}{'after':>8}")
+    for structure, after in metrics["dice_after"].items():
+        print(f"{structure:<8}{metrics['dice_before'][structure]:>8.3f}{after:>8.3f}")
+    print(_summary(metrics, args.output))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,7 +178,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return int(args.handler(args))
+    if args.command == "train":  # the training CLI reports its own errors
+        return int(args.handler(args))
+    try:
+        return int(args.handler(args))
+    except (ValueError, OSError) as error:  # bad input: image/model/list errors all name their cause
+        message = " ".join(str(error).split())
+        print(f"diffusereg {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -96,11 +96,21 @@ def as_guide(guide: Guide | GuidanceFunction) -> Guide:
 
 
 def _as_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Bring a mask ``(*S)``, ``(1, *S)`` or ``(B, 1, *S)`` to ``(B or 1, 1, *S)`` float on ``like``'s device."""
+    """Bring a mask to ``(B or 1, 1, *S)`` float on ``like``'s device (``like``: a field ``(N, ndim, *S)``).
+
+    Accepted: ``(*S)``, ``(1, *S)``, ``(B, 1, *S)``, and, for a 2D field made of the slices of a
+    volume (a 2D model registering a volume slice by slice, ``N = D * samples``), the volume's
+    mask ``(D, H, W)``, which is split into per-slice masks in the pipeline's slice order.
+    """
     spatial = tuple(like.shape[2:])
     mask = torch.as_tensor(mask, device=like.device)
     if tuple(mask.shape[-len(spatial):]) != spatial:
         raise ValueError(f"guidance mask has spatial shape {tuple(mask.shape[-len(spatial):])}, the field has {spatial}")
+    if len(spatial) == 2 and mask.ndim == 3 and mask.shape[0] > 1:
+        depth, batch = mask.shape[0], like.shape[0]
+        if batch % depth:
+            raise ValueError(f"a volume mask of {depth} slices does not match a batch of {batch} slice fields")
+        return mask.reshape(depth, 1, *spatial).repeat_interleave(batch // depth, dim=0).float()
     while mask.ndim < like.ndim:
         mask = mask.unsqueeze(0)
     return mask.float()
@@ -114,7 +124,7 @@ class SmoothnessGuidance(Guide):
     determinants below ``epsilon``.
     """
 
-    def __init__(self, scale: float = 2.0, folding_weight: float = 1.0, epsilon: float = 0.05,
+    def __init__(self, scale: float = 0.05, folding_weight: float = 1.0, epsilon: float = 0.05,
                  start: float = 0.0, end: float = 1.0) -> None:
         super().__init__(scale, start, end)
         self.folding_weight = folding_weight

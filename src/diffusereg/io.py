@@ -41,6 +41,7 @@ __all__ = [
     "read_grid",
     "read_image",
     "validate_image",
+    "write_atomically",
     "write_displacement_field",
     "write_image",
 ]
@@ -333,7 +334,7 @@ def read_image(path: str | os.PathLike) -> Image:
     return validate_image(Image.from_sitk(sitk_image), str(path))
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None], overwrite: bool) -> None:
+def write_atomically(path: Path, write: Callable[[Path], None], overwrite: bool = True) -> None:
     """Call ``write(tmp_path)`` on a temporary path with ``path``'s name, then move the result(s)
     into place with ``os.replace``.
 
@@ -364,7 +365,7 @@ def write_image(image: Image, path: str | os.PathLike, *, overwrite: bool = True
     if _suffix(path) not in IMAGE_SUFFIXES:
         raise ValueError(f"{path}: unsupported file extension; expected one of {', '.join(IMAGE_SUFFIXES)}")
     sitk_image = image.to_sitk()
-    _write_atomically(path, lambda tmp: sitk.WriteImage(sitk_image, str(tmp), True), overwrite)
+    write_atomically(path, lambda tmp: sitk.WriteImage(sitk_image, str(tmp), True), overwrite)
 
 
 def _field_to_world(field: np.ndarray, grid: Grid) -> np.ndarray:
@@ -411,9 +412,9 @@ def write_displacement_field(
     suffix = _suffix(path)
     if suffix in FIELD_TRANSFORM_SUFFIXES:
         transform = sitk.DisplacementFieldTransform(vector_image)
-        _write_atomically(path, lambda tmp: sitk.WriteTransform(transform, str(tmp)), overwrite)
+        write_atomically(path, lambda tmp: sitk.WriteTransform(transform, str(tmp)), overwrite)
     elif suffix in IMAGE_SUFFIXES:
-        _write_atomically(path, lambda tmp: sitk.WriteImage(vector_image, str(tmp), True), overwrite)
+        write_atomically(path, lambda tmp: sitk.WriteImage(vector_image, str(tmp), True), overwrite)
     else:
         raise ValueError(
             f"{path}: unsupported extension for a displacement field; expected one of "

@@ -19,7 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusereg.callbacks import TrajectoryRecorder
 from diffusereg.data.preprocessing import PaperPreprocessing, resample_to_grid
 from diffusereg.guidance import Guide, GuidanceFunction, as_guide
-from diffusereg.io import Grid, Image, read_image, validate_image
+from diffusereg.io import Grid, Image, read_image, validate_image, write_atomically
 from diffusereg.models import DiffuseRegDenoiser
 from diffusereg.spatial import warp
 
@@ -162,10 +162,7 @@ class DiffuseRegPipeline(DiffusionPipeline):
         kwargs["safe_serialization"] = True
         super().save_pretrained(save_directory, **kwargs)
         card = model_card if model_card is not None else self._configuration_card()
-        target = Path(save_directory) / "README.md"
-        temporary = target.with_name(".README.md.tmp")
-        temporary.write_text(card)
-        os.replace(temporary, target)
+        write_atomically(Path(save_directory) / "README.md", lambda temporary: temporary.write_text(card))
 
     def _configuration_card(self) -> str:
         """A minimal model card: what the model is and how it was configured."""
