@@ -21,6 +21,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import nibabel as nib
 import numpy as np
@@ -63,7 +64,8 @@ class ImageReadError(ImageError):
 
 class InvalidImageError(ImageError):
     """An image was decoded but is not usable: wrong dimensionality, vector pixels, non-finite
-    voxels, non-positive spacing or a non-orthonormal direction."""
+    voxels, non-positive spacing or a non-orthonormal direction; or it does not fit the
+    registration asked for (see :mod:`diffusereg.validation`)."""
 
 
 @dataclass(frozen=True)
@@ -255,28 +257,52 @@ def _check_readable(path: Path, suffixes: tuple[str, ...]) -> None:
         raise ImageReadError(f"{path}: unsupported file extension; expected one of {', '.join(suffixes)}")
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """Raise ImageReadError when a NIfTI file holds fewer voxel bytes than its header promises.
+def _raw_nifti_header(stream: BinaryIO) -> nib.Nifti1Header:
+    """A NIfTI-1 or NIfTI-2 header exactly as stored at the start of ``stream`` (``nib.load``
+    would 'repair' fields such as a zero spacing, and log about it)."""
+    size = stream.read(4)
+    stream.seek(0)
+    header_class = nib.Nifti2Header if 540 in (int.from_bytes(size, "little"), int.from_bytes(size, "big")) else (
+        nib.Nifti1Header)
+    return header_class(stream.read(header_class.sizeof_hdr), check=False)
 
-    ITK zero-fills the missing voxels of a truncated ``.nii``/``.nii.gz`` without an error.
+
+def _check_nifti(path: Path) -> None:
+    """Catch, in one pass over a NIfTI file, what ITK reads from it without an error:
+    ImageReadError when the file holds fewer voxel bytes than its header promises (ITK zero-fills
+    them); InvalidImageError when float voxels are NaN or inf (ITK reads them as 0) or the
+    header's spacing (``pixdim``) is zero or negative (ITK makes it 1 or its absolute value).
     """
+    opener = gzip.open if _suffix(path) == ".nii.gz" else open
     try:
-        header = nib.load(path).header
-        voxel_bytes = int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
-        expected = int(header.get_data_offset()) + voxel_bytes
-        if _suffix(path) == ".nii.gz":
-            actual = 0
-            with gzip.open(path, "rb") as stream:
-                while chunk := stream.read(1 << 22):
-                    actual += len(chunk)
-        else:
-            actual = path.stat().st_size
+        with opener(path, "rb") as stream:
+            header = _raw_nifti_header(stream)
+            dtype, offset = header.get_data_dtype(), int(header.get_data_offset())
+            voxel_bytes = int(np.prod(header.get_data_shape())) * dtype.itemsize
+            non_finite, read = 0, 0  # voxel bytes read
+            stream.seek(offset)
+            while read < voxel_bytes and (chunk := stream.read(min(dtype.itemsize << 20, voxel_bytes - read))):
+                read += len(chunk)
+                if dtype.kind == "f":
+                    values = np.frombuffer(chunk, dtype, count=len(chunk) // dtype.itemsize)
+                    non_finite += values.size - int(np.count_nonzero(np.isfinite(values)))
     except (EOFError, zlib.error, gzip.BadGzipFile) as error:
         raise ImageReadError(f"{path}: compressed data is truncated or corrupt ({error})") from error
     except Exception as error:  # nibabel raises many types for a bad header
         raise ImageReadError(f"{path}: not a readable NIfTI file ({type(error).__name__}: {error})") from error
-    if actual < expected:
-        raise ImageReadError(f"{path}: file is truncated ({actual} of {expected} header+voxel bytes)")
+    if read < voxel_bytes:
+        raise ImageReadError(
+            f"{path}: file is truncated ({offset + read} of {offset + voxel_bytes} header+voxel bytes)")
+    if non_finite:
+        raise InvalidImageError(f"{path}: has {non_finite} non-finite voxels (NaN or inf)")
+    spacing = tuple(float(f"{s:.6g}") for s in header["pixdim"][1 : 1 + min(int(header["dim"][0]), 3)])
+    if any(not (s > 0.0) for s in spacing):
+        raise InvalidImageError(f"{path}: has zero or negative spacing {spacing} in its NIfTI header")
+
+
+def _itk_reason(error: RuntimeError, path: Path) -> str:
+    """The last line of an ITK error message, without the file name it repeats."""
+    return str(error).strip().splitlines()[-1].replace(f' for "{path}"', "").strip()
 
 
 def _read_sitk(path: Path) -> sitk.Image:
@@ -285,7 +311,7 @@ def _read_sitk(path: Path) -> sitk.Image:
         with _itk_warnings_silenced():
             return sitk.ReadImage(str(path))
     except RuntimeError as error:
-        reason = str(error).strip().splitlines()[-1].strip()
+        reason = _itk_reason(error, path)
         raise ImageReadError(f"{path}: cannot be read as an image (corrupt or unsupported: {reason})") from error
 
 
@@ -299,8 +325,7 @@ def read_grid(path: str | os.PathLike) -> Grid:
         with _itk_warnings_silenced():
             reader.ReadImageInformation()
     except RuntimeError as error:
-        reason = str(error).strip().splitlines()[-1].strip()
-        raise ImageReadError(f"{path}: cannot read the image header ({reason})") from error
+        raise ImageReadError(f"{path}: cannot read the image header ({_itk_reason(error, path)})") from error
     return Grid(
         shape=tuple(reversed(reader.GetSize())),
         spacing=tuple(float(s) for s in reader.GetSpacing()),
@@ -323,7 +348,7 @@ def read_image(path: str | os.PathLike) -> Image:
     path = Path(path)
     _check_readable(path, IMAGE_SUFFIXES)
     if _suffix(path) in (".nii", ".nii.gz"):
-        _check_nifti_complete(path)
+        _check_nifti(path)
     sitk_image = _read_sitk(path)
     components = sitk_image.GetNumberOfComponentsPerPixel()
     if components != 1:
@@ -438,8 +463,7 @@ def read_displacement_field(path: str | os.PathLike, reference: Image | Grid) ->
         try:
             transform = sitk.ReadTransform(str(path))
         except RuntimeError as error:
-            reason = str(error).strip().splitlines()[-1].strip()
-            raise ImageReadError(f"{path}: cannot be read as an ITK transform ({reason})") from error
+            raise ImageReadError(f"{path}: cannot be read as an ITK transform ({_itk_reason(error, path)})") from error
     else:
         vector_image = _read_sitk(path)
         if vector_image.GetNumberOfComponentsPerPixel() != vector_image.GetDimension():
