@@ -1,6 +1,6 @@
 """The ``diffusereg`` command line: register (one pair, ACDC geometry; a list of pairs), demo, errors.
 
-The model is a tiny randomly initialised 2D pipeline saved by a fixture; its own fields are
+The model is a tiny randomly initialised 2D pipeline (``tiny_model``, conftest.py); its fields are
 noise, so the Dice test steers it with organ-mask guidance: the improvement it checks comes from
 the guidance, not from a trained model.
 """
@@ -16,30 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from diffusereg.cli import main
 from diffusereg.data import read_acdc_patient
 from diffusereg.io import read_grid, read_image, write_image
-from diffusereg.models import DiffuseRegDenoiser
 from diffusereg.phantom import cardiac_phantom
-from diffusereg.pipelines import DiffuseRegPipeline, default_scheduler
 
 IMAGE_OUTPUTS = ("warped.nii.gz", "warped_labels.nii.gz", "field.nii.gz", "jacobian.nii.gz", "uncertainty.nii.gz")
 GUIDED = ["--guidance", "organ=1", "organ=2", "organ=3", "smoothness=0.3"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A saved untrained 2D pipeline on a small model grid (3 x 3 x 10 mm, 16 x 64 x 64)."""
-    torch.manual_seed(0)
-    denoiser = DiffuseRegDenoiser(spatial_dims=2, feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
-                                  field_mean=[0.0, 0.0], field_std=[0.02, 0.02]).eval()
-    pipe = DiffuseRegPipeline(denoiser=denoiser, scheduler=default_scheduler("ddim"), model_spacing=(3.0, 3.0, 10.0),
-                              model_size=(16, 64, 64))
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    pipe.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -118,14 +118,20 @@ def method_figure() -> None:
     figure.savefig(HERE / "method.png", dpi=110)
 
 
-def trajectory_figure() -> None:
-    """The trajectory strip of the phantom registered by an untrained tiny 2D model (the test
-    model) with organ-mask guidance on the three structures and smoothness guidance."""
+def untrained_pipeline() -> DiffuseRegPipeline:
+    """The untrained tiny 2D test model (random weights, seed 0) on a 1.5 x 1.5 x 10 mm,
+    16 x 96 x 96 model grid: the heart region of the phantom."""
     torch.manual_seed(0)
     denoiser = DiffuseRegDenoiser(spatial_dims=2, feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
                                   field_mean=[0.0, 0.0], field_std=[0.02, 0.02]).eval()
-    pipe = DiffuseRegPipeline(denoiser=denoiser, scheduler=default_scheduler("ddim"), model_spacing=(1.5, 1.5, 10.0),
+    return DiffuseRegPipeline(denoiser=denoiser, scheduler=default_scheduler("ddim"), model_spacing=(1.5, 1.5, 10.0),
                               model_size=(16, 96, 96))
+
+
+def trajectory_figure() -> None:
+    """The trajectory strip of the phantom registered by an untrained tiny 2D model (the test
+    model) with organ-mask guidance on the three structures and smoothness guidance."""
+    pipe = untrained_pipeline()
     phantom = cardiac_phantom(seed=0)
     guidance = tuple(GuidanceSpec("organ", 1.0, label) for label in (1, 2, 3)) + (GuidanceSpec("smoothness", 0.3),)
     settings = RegistrationSettings(steps=10, guidance=guidance, save_trajectory=True)

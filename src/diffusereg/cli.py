@@ -1,8 +1,9 @@
-"""The ``diffusereg`` command line: ``register``, ``demo`` and ``train``.
+"""The ``diffusereg`` command line: ``register``, ``demo``, ``evaluate``, ``watch`` and ``train``.
 
 Handlers import the heavy modules (torch, the pipeline) when they run, so ``diffusereg --help``
 builds its parser without them. Exit codes: 0 success, 2 bad input (one-line message on stderr,
-``diffusereg COMMAND: error: ...``), anything else is a bug and shows its traceback.
+``diffusereg COMMAND: error: ...``), 130 interrupted (Ctrl+C); anything else is a bug and shows
+its traceback.
 """
 
 from __future__ import annotations
@@ -36,10 +37,21 @@ def _sampling_options() -> argparse.ArgumentParser:
     group.add_argument("--samples", type=int, default=1, metavar="N",
                        help="samples per pair: the field is their mean, uncertainty.nii.gz their spread (default: 1)")
     group.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
-    group.add_argument("--save-trajectory", action="store_true",
-                       help="also write trajectory.png and trajectory.gif (the sampling steps)")
     group.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    group.add_argument("--trust-pickle-weights", action="store_true",
+                       help="also load pickle weights (.bin), which can run code when loaded: only for a model from a "
+                            "source you trust (default: refused; safetensors only)")
     return options
+
+
+def _pair_arguments() -> argparse.ArgumentParser:
+    """Arguments shared by ``register`` and ``watch``: FIXED, MOVING and their label maps."""
+    arguments = argparse.ArgumentParser(add_help=False)
+    arguments.add_argument("fixed", nargs="?", type=Path, metavar="FIXED", help="fixed image (defines the output grid)")
+    arguments.add_argument("moving", nargs="?", type=Path, metavar="MOVING", help="moving image")
+    arguments.add_argument("--fixed-labels", type=Path, metavar="SEG", help="label map of the fixed image")
+    arguments.add_argument("--moving-labels", type=Path, metavar="SEG", help="label map of the moving image")
+    return arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,19 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"diffusereg {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sampling = _sampling_options()
+    sampling, pair = _sampling_options(), _pair_arguments()
 
     register = commands.add_parser(
-        "register", parents=[sampling], help="register a pair of images (or a list of pairs) and write the results",
+        "register", parents=[pair, sampling],
+        help="register a pair of images (or a list of pairs) and write the results",
         description="Register MOVING to FIXED (NIfTI, MHA/MHD or NRRD; any size, spacing, orientation). Writes into "
                     "OUTDIR the warped image and labels, the field (field.h5 ITK transform, field.nii.gz), "
                     "jacobian.nii.gz, uncertainty.nii.gz (--samples > 1) and metrics.json, all on the fixed image's "
                     "grid. With --pairs, one sub-folder per pair; finished pairs are skipped.")
-    register.add_argument("fixed", nargs="?", type=Path, metavar="FIXED", help="fixed image (defines the output grid)")
-    register.add_argument("moving", nargs="?", type=Path, metavar="MOVING", help="moving image")
     register.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR", help="output folder")
-    register.add_argument("--fixed-labels", type=Path, metavar="SEG", help="label map of the fixed image")
-    register.add_argument("--moving-labels", type=Path, metavar="SEG", help="label map of the moving image")
+    register.add_argument("--save-trajectory", action="store_true",
+                          help="also write trajectory.png and trajectory.gif (the sampling steps)")
     register.add_argument("--pairs", type=Path, metavar="LIST",
                           help="CSV/JSON list of pairs (columns fixed, moving[, fixed_labels, moving_labels, name]) "
                                "instead of FIXED MOVING; split over processes under `accelerate launch`")
@@ -80,6 +91,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--patient", type=int, default=DEMO_PATIENT, help=f"ACDC patient number (default: {DEMO_PATIENT})")
     demo.set_defaults(handler=_run_demo, save_trajectory=True)
 
+    evaluate = commands.add_parser(
+        "evaluate", parents=[sampling], help="score a model on ACDC-like data (Dice, NJD %, JSD, HD95, time)",
+        description="Register ES (moving) to ED (fixed) for every patient of an ACDC-like folder (patientNNN/Info.cfg, "
+                    "frames and _gt labels) on the paper's model grid, and write OUTDIR/cases.csv (one row per case), "
+                    "OUTDIR/summary.json and OUTDIR/summary.md.")
+    evaluate.add_argument("--data", type=Path, required=True, metavar="ACDC_DIR", help="folder of patientNNN folders")
+    evaluate.add_argument("--split", choices=("val", "train", "all"), default="val",
+                          help="val: patients 010, 020, ..., 100; train: the others; all (default: val)")
+    evaluate.add_argument("--patients", type=int, nargs="+", metavar="N", help="only these patient numbers")
+    evaluate.add_argument("--early-stopping", type=float, metavar="TOL",
+                          help="stop sampling once the field estimate changes less than TOL voxels for 2 steps")
+    evaluate.add_argument("-o", "--output", type=Path, default=Path("diffusereg-evaluation"), metavar="OUTDIR",
+                          help="output folder (default: ./diffusereg-evaluation)")
+    evaluate.set_defaults(handler=_run_evaluate)
+
+    watch = commands.add_parser(
+        "watch", parents=[pair, sampling], help="watch and steer registrations live in a local web page",
+        description="Serve a web page on this computer where you load a fixed and a moving image (FIXED MOVING, "
+                    "uploads, or the cardiac phantom of `diffusereg demo` by default), press Register and watch every "
+                    "sampling step: the warped image with the deformed grid, its difference to the fixed image, the "
+                    "Jacobian determinant, Dice and NJD. Stop keeps the current result, guidance can be changed while "
+                    "sampling runs, and the files `diffusereg register` writes can be downloaded. The sampling options "
+                    "give the page's starting values.")
+    watch.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: 127.0.0.1, this computer only); any other address lets "
+                            "everyone who can reach it use the page, without a password")
+    watch.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860; 0: any free port)")
+    watch.set_defaults(handler=_run_watch)
+
     add_train_command(commands)
     return parser
 
@@ -92,7 +132,7 @@ def _settings(args: argparse.Namespace) -> RegistrationSettings:
             raise RegistrationError(f"--{name} must be at least 1, got {getattr(args, name)}")
     guidance = tuple(GuidanceSpec.parse(text) for text in args.guidance)
     return RegistrationSettings(steps=args.steps, scheduler=args.scheduler, guidance=guidance, samples=args.samples,
-                                seed=args.seed, save_trajectory=args.save_trajectory)
+                                seed=args.seed, save_trajectory=getattr(args, "save_trajectory", False))
 
 
 def _device(args: argparse.Namespace) -> str:
@@ -121,7 +161,7 @@ def _run_register(args: argparse.Namespace) -> int:
 
         settings, state = _settings(args), PartialState()
         check_pair_list(args.pairs, args.output, settings)  # fail before loading the model
-        pipe = load_pipeline(args.model, args.device or state.device)
+        pipe = load_pipeline(args.model, args.device or state.device, allow_pickle=args.trust_pickle_weights)
         pipe.set_progress_bar_config(disable=True)
         summary = register_pair_list(pipe, args.pairs, args.output, settings, model_name=args.model, state=state)
         print(f"{args.output}: registered {len(summary.registered)} pairs, skipped {len(summary.skipped)} finished "
@@ -131,7 +171,7 @@ def _run_register(args: argparse.Namespace) -> int:
         raise RegistrationError("give FIXED and MOVING images, or --pairs LIST")
     settings = _settings(args)
     check_request(args.fixed, args.moving, args.output, settings, args.fixed_labels, args.moving_labels)
-    pipe = load_pipeline(args.model, _device(args))
+    pipe = load_pipeline(args.model, _device(args), allow_pickle=args.trust_pickle_weights)
     metrics = register_pair(pipe, args.fixed, args.moving, args.output, settings, fixed_labels=args.fixed_labels,
                             moving_labels=args.moving_labels, model_name=args.model)
     print(_summary(metrics, args.output))
@@ -139,11 +179,10 @@ def _run_register(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from diffusereg.io import write_image
     from diffusereg.registration import load_pipeline, register_pair
 
     settings = _settings(args)
-    pipe = load_pipeline(args.model, _device(args))
+    pipe = load_pipeline(args.model, _device(args), allow_pickle=args.trust_pickle_weights)
     if args.acdc is not None:
         from diffusereg.data import read_acdc_patient
 
@@ -151,16 +190,9 @@ def _run_demo(args: argparse.Namespace) -> int:
         inputs = patient.files
         print(f"ACDC {patient.name} ({patient.group}): ES frame {patient.es} -> ED frame {patient.ed}")
     else:
-        from diffusereg.data import PairFiles
-        from diffusereg.phantom import cardiac_phantom
+        from diffusereg.phantom import write_phantom
 
-        phantom = cardiac_phantom(seed=0)
-        args.output.mkdir(parents=True, exist_ok=True)
-        inputs = PairFiles(*(args.output / f"{name}.nii.gz" for name in ("fixed", "moving", "fixed_labels",
-                                                                          "moving_labels")))
-        for image, path in zip((phantom.ed, phantom.es, phantom.ed_labels, phantom.es_labels),
-                               (inputs.fixed, inputs.moving, inputs.fixed_labels, inputs.moving_labels)):
-            write_image(image, path)
+        inputs = write_phantom(args.output, seed=0)
         print(f"cardiac phantom (end-systole -> end-diastole) written to {args.output}")
     metrics = register_pair(pipe, inputs.fixed, inputs.moving, args.output, settings, fixed_labels=inputs.fixed_labels,
                             moving_labels=inputs.moving_labels, model_name=args.model)
@@ -168,6 +200,70 @@ def _run_demo(args: argparse.Namespace) -> int:
     for structure, after in metrics["dice_after"].items():
         print(f"{structure:<8}{metrics['dice_before'][structure]:>8.3f}{after:>8.3f}")
     print(_summary(metrics, args.output))
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from diffusereg.callbacks import EarlyStopping
+    from diffusereg.data import ACDCDataset
+    from diffusereg.evaluation import evaluate, pipeline_registrar, write_evaluation
+    from diffusereg.registration import RegistrationError, build_guides, load_pipeline
+
+    settings = _settings(args)
+    if any(spec.kind == "organ" for spec in settings.guidance):
+        raise RegistrationError("evaluate: organ guidance would use the labels that Dice is scored on; "
+                                "use smoothness= or similarity=")
+    pipe = load_pipeline(args.model, _device(args), allow_pickle=args.trust_pickle_weights)
+    dataset = ACDCDataset(args.data, split=args.split, spatial_dims=3, patients=args.patients,
+                          preprocessing=pipe.preprocessing)
+    pipe.set_progress_bar_config(disable=True)
+    callback = None if args.early_stopping is None else EarlyStopping(tolerance=args.early_stopping)
+    registrar = pipeline_registrar(pipe, args.steps, seed=args.seed, scheduler=args.scheduler,
+                                   guidance=build_guides(settings.guidance, None), num_samples=args.samples,
+                                   callback_on_step_end=callback)
+    rows = evaluate(dataset, registrar, description=f"{args.model} ({args.steps} {args.scheduler} steps)")
+    run = {"data": str(args.data), "split": args.split, "patients": dataset.names, "model": args.model,
+           "steps": args.steps, "scheduler": args.scheduler, "guidance": [str(g) for g in settings.guidance],
+           "samples": args.samples, "seed": args.seed, "early_stopping": args.early_stopping,
+           "device": str(pipe.device)}
+    summary = write_evaluation(args.output, {args.model: rows}, run)[args.model]
+    print(f"{len(rows)} cases ({args.split}): " + ", ".join(
+        f"{name} {summary[name]['mean']:.2f}" for name in ("LV", "Myo", "RV", "Overall"))
+          + f" Dice %, NJD {summary['NJD_percent']['mean']:.3f} %, {summary['seconds']['mean']:.1f} s per case"
+          + f"; written to {args.output}")
+    return 0
+
+
+def _run_watch(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from diffusereg.data import PairFiles
+    from diffusereg.registration import RegistrationError, load_pipeline
+    from diffusereg.watch import WatchServer, WatchSession
+    from diffusereg.watch.server import is_loopback
+
+    if (args.fixed is None) != (args.moving is None):
+        raise RegistrationError("give FIXED and MOVING, or neither (the cardiac phantom)")
+    settings = _settings(args)
+    pipe = load_pipeline(args.model, _device(args), allow_pickle=args.trust_pickle_weights)
+    with tempfile.TemporaryDirectory(prefix="diffusereg-watch-") as folder:
+        session = WatchSession(pipe, folder, model_name=args.model, settings=settings)
+        if args.fixed is None:
+            session.load_phantom()
+        else:
+            session.load(PairFiles(args.fixed, args.moving, args.fixed_labels, args.moving_labels))
+        server = WatchServer(session, args.host, args.port)
+        if not is_loopback(args.host):
+            print(f"diffusereg watch: warning: listening on {args.host}: anyone who can reach this address can upload "
+                  "images and run registrations here, without a password", file=sys.stderr)
+        print(f"diffusereg watch: open {server.url} in a browser (Ctrl+C to quit; outputs not downloaded are lost)",
+              flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            print("diffusereg watch: stopped")
+        finally:
+            server.close()
     return 0
 
 
@@ -186,6 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(error).split())
         print(f"diffusereg {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl+C: outputs of an unfinished registration were removed
+        print(f"diffusereg {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -19,14 +19,17 @@ Everything is deterministic given ``seed``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from diffusereg.io import Grid, Image
+from diffusereg.data import PairFiles
+from diffusereg.io import Grid, Image, write_image
 
-__all__ = ["CardiacPhantom", "cardiac_phantom"]
+__all__ = ["CardiacPhantom", "cardiac_phantom", "write_phantom"]
 
 # Intensities of the tissue classes (arbitrary MR units, about ACDC's range).
 _BLOOD, _MYOCARDIUM, _TISSUE, _LUNG, _AIR = 900.0, 150.0, 330.0, 40.0, 0.0
@@ -153,3 +156,17 @@ def cardiac_phantom(seed: int = 0, shape: tuple[int, int, int] = (8, 176, 176),
         ed_labels=Image.on_grid(ed_labels, grid),
         es_labels=Image.on_grid(es_labels, grid),
     )
+
+
+def write_phantom(folder: str | os.PathLike, seed: int = 0, shape: tuple[int, int, int] = (8, 176, 176)) -> PairFiles:
+    """Write :func:`cardiac_phantom` (``shape`` ``(D, H, W)``) into ``folder`` (created if needed)
+    as the registration case ``fixed.nii.gz`` (ED), ``moving.nii.gz`` (ES), ``fixed_labels.nii.gz``
+    and ``moving_labels.nii.gz``; returns their paths."""
+    phantom = cardiac_phantom(seed=seed, shape=shape)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = PairFiles(*(folder / f"{name}.nii.gz" for name in ("fixed", "moving", "fixed_labels", "moving_labels")))
+    for image, path in zip((phantom.ed, phantom.es, phantom.ed_labels, phantom.es_labels),
+                           (files.fixed, files.moving, files.fixed_labels, files.moving_labels)):
+        write_image(image, path)
+    return files

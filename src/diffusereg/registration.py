@@ -15,10 +15,12 @@ files that all overlay the fixed image exactly (its shape, spacing, origin and d
 - ``trajectory.png``, ``trajectory.gif``: the sampling steps (with ``save_trajectory``);
 - ``metrics.json``: Dice, NJD %, JSD, time, steps, model, seed; written last.
 
-Every file is written atomically (temporary file, then ``os.replace``), and ``metrics.json``
-is removed when a registration starts and written after every other file: a folder with a
-``metrics.json`` holds a finished registration (:func:`is_complete`), which is what makes
-:func:`register_pair_list` resumable.
+Every input is checked before anything is written (:mod:`diffusereg.validation`). Every file is
+written atomically (temporary file, then ``os.replace``); ``metrics.json`` is removed before the
+outputs are written and written after every other file, and a write that fails or is
+interrupted removes the outputs written so far: a folder with a ``metrics.json`` holds a
+finished registration (:func:`is_complete`), which is what makes :func:`register_pair_list`
+resumable.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -42,6 +44,8 @@ from diffusereg.guidance import Guide, OrganMaskGuidance, SimilarityGuidance, Sm
 from diffusereg.io import Image, write_atomically, read_image, write_displacement_field, write_image
 from diffusereg.metrics import acdc_dice, dice, jacobian_std, njd_percent
 from diffusereg.spatial import jacobian_determinant
+from diffusereg.validation import (RegistrationError, WeightsError, check_output_folder, check_pair, check_sources,
+                                   source_name)
 from diffusereg.visualize import save_trajectory_gif, save_trajectory_strip, trajectory_slice
 
 if TYPE_CHECKING:
@@ -55,13 +59,15 @@ __all__ = [
     "ModelNotFoundError",
     "RegistrationError",
     "RegistrationSettings",
-    "check_inputs_not_overwritten",
     "check_pair_list",
+    "build_guides",
     "check_request",
     "is_complete",
     "load_pipeline",
     "register_pair",
     "register_pair_list",
+    "shown_slice",
+    "structure_dice",
 ]
 
 OUTPUT_NAMES: dict[str, str] = {
@@ -78,10 +84,6 @@ OUTPUT_NAMES: dict[str, str] = {
 """File name of every output in the output folder."""
 
 _ACDC_VALUES = {0, 1, 2, 3}
-
-
-class RegistrationError(ValueError):
-    """A registration cannot run as asked (bad option, missing labels, an input would be overwritten)."""
 
 
 class ModelNotFoundError(RegistrationError):
@@ -161,11 +163,19 @@ def _quiet_loading() -> Iterator[None]:
             diffusers_logging.enable_progress_bar()
 
 
-def load_pipeline(model: str, device: str | torch.device = "cpu") -> DiffuseRegPipeline:
+def load_pipeline(model: str, device: str | torch.device = "cpu", allow_pickle: bool = False) -> DiffuseRegPipeline:
     """Load a pipeline from a folder (``save_pretrained`` output) or a Hugging Face Hub id.
+
+    Args:
+        model: the folder or Hub id.
+        device: where the pipeline runs.
+        allow_pickle: also load pickle weights (``.bin``); they can run code when loaded, so only
+            for weights from a source you trust (see :meth:`DiffuseRegPipeline.from_pretrained`).
 
     Raises:
         ModelNotFoundError: ``model 'NAME' not found: REASON``, one line.
+        diffusereg.validation.WeightsError: pickle weights (not allowed), corrupt or truncated
+            weights, weights that do not match the config; naming the file.
         RegistrationError: ``device`` is CUDA but no CUDA device is available.
     """
     from diffusereg.pipelines import DiffuseRegPipeline
@@ -178,7 +188,9 @@ def load_pipeline(model: str, device: str | torch.device = "cpu") -> DiffuseRegP
         raise ModelNotFoundError(f"model {model!r} not found: no such folder")
     try:
         with _quiet_loading():
-            pipe = DiffuseRegPipeline.from_pretrained(str(path) if path.is_dir() else model)
+            pipe = DiffuseRegPipeline.from_pretrained(str(path) if path.is_dir() else model, allow_pickle=allow_pickle)
+    except WeightsError:
+        raise
     except (OSError, ValueError) as error:
         reason = " ".join(str(error).split())
         reason = reason if len(reason) <= 240 else reason[:237] + "..."
@@ -189,22 +201,23 @@ def load_pipeline(model: str, device: str | torch.device = "cpu") -> DiffuseRegP
 
 
 # ---------------------------------------------------------------------------------- outputs
-def check_inputs_not_overwritten(inputs: Sequence[str | os.PathLike | None], output_dir: str | os.PathLike) -> None:
-    """Raise RegistrationError when an input file is one of the outputs that would be written."""
-    outputs = {(Path(output_dir) / name).resolve() for name in OUTPUT_NAMES.values()}
-    for path in inputs:
-        if path is not None and Path(path).resolve() in outputs:
-            raise RegistrationError(f"{path}: this input would be overwritten by an output; choose another output folder")
+def _sources(fixed: Image | str | os.PathLike, moving: Image | str | os.PathLike,
+             fixed_labels: Image | str | os.PathLike | None,
+             moving_labels: Image | str | os.PathLike | None) -> dict[str, Image | str | os.PathLike | None]:
+    """The inputs of a registration by role (the keys of :mod:`diffusereg.validation`)."""
+    return {"fixed": fixed, "moving": moving, "fixed_labels": fixed_labels, "moving_labels": moving_labels}
 
 
 def check_request(fixed: Image | str | os.PathLike, moving: Image | str | os.PathLike, output_dir: str | os.PathLike,
                   settings: RegistrationSettings, fixed_labels: Image | str | os.PathLike | None = None,
                   moving_labels: Image | str | os.PathLike | None = None) -> None:
-    """Check what can be checked before loading a model: input files exist, labels come in pairs,
-    ``organ=`` guides have labels, no input is an output, ``output_dir`` is not a file.
+    """Check what can be checked before loading a model or reading a voxel: labels come in pairs,
+    ``organ=`` guides have labels, the input files exist with readable headers and fit in memory
+    (:func:`~diffusereg.validation.check_sources`), and the outputs can be written without
+    overwriting an input (:func:`~diffusereg.validation.check_output_folder`).
 
     Raises:
-        RegistrationError: naming the problem, one line.
+        RegistrationError, diffusereg.io.ImageError: naming the problem, one line.
     """
     if (fixed_labels is None) != (moving_labels is None):
         raise RegistrationError("labels: give both --fixed-labels and --moving-labels (Dice compares the warped "
@@ -212,13 +225,9 @@ def check_request(fixed: Image | str | os.PathLike, moving: Image | str | os.Pat
     organ = next((spec for spec in settings.guidance if spec.kind == "organ"), None)
     if organ is not None and fixed_labels is None:
         raise RegistrationError(f"guidance {organ}: needs --fixed-labels and --moving-labels")
-    paths = [x for x in (fixed, moving, fixed_labels, moving_labels) if x is not None and not isinstance(x, Image)]
-    for path in paths:
-        if not Path(path).is_file():
-            raise RegistrationError(f"{path}: file does not exist")
-    check_inputs_not_overwritten(paths, output_dir)
-    if Path(output_dir).exists() and not Path(output_dir).is_dir():
-        raise RegistrationError(f"{output_dir}: exists and is not a folder")
+    sources = _sources(fixed, moving, fixed_labels, moving_labels)
+    check_sources(sources)
+    check_output_folder(output_dir, sources.values(), OUTPUT_NAMES.values())
 
 
 def is_complete(output_dir: str | os.PathLike) -> bool:
@@ -226,12 +235,21 @@ def is_complete(output_dir: str | os.PathLike) -> bool:
     return (Path(output_dir) / OUTPUT_NAMES["metrics"]).is_file()
 
 
+def _remove_outputs(output_dir: Path) -> None:
+    """Delete every output of a registration from ``output_dir``, ``metrics.json`` first (from
+    then on the folder is unfinished)."""
+    metrics = OUTPUT_NAMES["metrics"]
+    for name in (metrics, *(name for name in OUTPUT_NAMES.values() if name != metrics)):
+        (output_dir / name).unlink(missing_ok=True)
+
+
 def _write_json(data: dict[str, Any], path: Path) -> None:
     write_atomically(path, lambda temporary: temporary.write_text(json.dumps(data, indent=2) + "\n"), overwrite=True)
 
 
-def _structure_dice(labels: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """Dice per ACDC structure (labels 0..3), else per label value (``label_K``)."""
+def structure_dice(labels: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Dice of ``labels`` against ``reference`` (integer maps of one shape) per ACDC structure
+    (labels 0..3), else per label value (``label_K``)."""
     values = {int(v) for v in np.unique(reference)} | {int(v) for v in np.unique(labels)}
     if values <= _ACDC_VALUES:
         return acdc_dice(labels, reference)
@@ -239,7 +257,7 @@ def _structure_dice(labels: np.ndarray, reference: np.ndarray) -> dict[str, floa
 
 
 # ---------------------------------------------------------------------------------- guidance
-def _build_guides(specs: Sequence[GuidanceSpec], labels: tuple[np.ndarray, np.ndarray] | None) -> list[Guide]:
+def build_guides(specs: Sequence[GuidanceSpec], labels: tuple[np.ndarray, np.ndarray] | None) -> list[Guide]:
     """Guides from their specs; ``labels`` are the fixed and moving label maps on the model grid
     (present when a spec is ``organ``, see :func:`check_request`)."""
     guides: list[Guide] = []
@@ -266,8 +284,9 @@ def _describe(image: Image | str | os.PathLike | None) -> str | None:
     return None if image is None else "<in memory>" if isinstance(image, Image) else str(image)
 
 
-def _shown_slice(grid: ModelGrid, fixed_labels: np.ndarray | None) -> int:
-    """The model-grid slice the trajectory pictures show: most fixed-label voxels, else the middle."""
+def shown_slice(grid: ModelGrid, fixed_labels: np.ndarray | None) -> int:
+    """The model-grid slice (index along ``D``) to show: most fixed-label voxels, else the middle
+    of the image data; 0 for 2D images. ``fixed_labels``: the fixed labels on the model grid."""
     if grid.model.ndim == 2:
         return 0
     if fixed_labels is not None and np.any(fixed_labels > 0):
@@ -278,9 +297,9 @@ def _shown_slice(grid: ModelGrid, fixed_labels: np.ndarray | None) -> int:
 
 def _write_trajectory(out: Any, pipe: DiffuseRegPipeline, grid: ModelGrid, fixed: Image, moving: Image,
                       fixed_labels: np.ndarray | None, settings: RegistrationSettings, output_dir: Path) -> None:
-    """The trajectory strip (PNG) and animation (GIF) of the slice chosen by :func:`_shown_slice`."""
+    """The trajectory strip (PNG) and animation (GIF) of the slice chosen by :func:`shown_slice`."""
     preprocessing: PaperPreprocessing = pipe.preprocessing
-    index = _shown_slice(grid, fixed_labels)
+    index = shown_slice(grid, fixed_labels)
 
     def model_slice(array: np.ndarray | None) -> np.ndarray | None:
         return None if array is None else (array if array.ndim == 2 else array[index])
@@ -328,8 +347,8 @@ def _evaluate(out: Any, fixed: Image, fixed_labels: Image | None, moving_labels:
     metrics: dict[str, Any] = {}
     if fixed_labels is not None and moving_labels is not None:
         reference = resample_to_grid(fixed_labels, fixed.grid, "nearest")
-        metrics["dice_before"] = _structure_dice(resample_to_grid(moving_labels, fixed.grid, "nearest"), reference)
-        metrics["dice_after"] = _structure_dice(out.warped_labels, reference)
+        metrics["dice_before"] = structure_dice(resample_to_grid(moving_labels, fixed.grid, "nearest"), reference)
+        metrics["dice_after"] = structure_dice(out.warped_labels, reference)
     metrics["NJD_percent"] = njd_percent(out.field)
     metrics["JSD"] = jacobian_std(out.field)
     metrics["max_displacement_mm"] = float(_length_mm(out.field, fixed).max())
@@ -345,11 +364,17 @@ def register_pair(
     fixed_labels: Image | str | os.PathLike | None = None,
     moving_labels: Image | str | os.PathLike | None = None,
     model_name: str = "",
+    callback_on_step_end: Callable | Sequence[Callable] | None = None,
+    guides: Sequence[Guide] = (),
 ) -> dict[str, Any]:
     """Register ``moving`` to ``fixed`` and write the outputs (see the module docstring).
 
-    Outputs of an earlier registration in ``output_dir`` are removed first, ``metrics.json``
-    before anything else, so the folder counts as finished only once this call has completed.
+    Every input is checked before anything is written (:func:`check_request`, then
+    :func:`~diffusereg.validation.check_pair` on the read images). Once sampling is done, the
+    outputs of an earlier registration in ``output_dir`` are removed, ``metrics.json`` first, and
+    the new ones written, ``metrics.json`` last; if writing fails or is interrupted, the outputs
+    written so far are removed again. So the folder counts as finished only once this call has
+    completed, and a failed call leaves no output behind.
 
     Args:
         pipe: the registration pipeline (on its device).
@@ -361,54 +386,68 @@ def register_pair(
             With both, ``metrics.json`` gets Dice before and after registration (per ACDC
             structure for labels 0..3), and ``organ=`` guides can be used.
         model_name: how ``metrics.json`` names the model.
+        callback_on_step_end: per-step hooks given to the pipeline (see :mod:`diffusereg.callbacks`),
+            e.g. to watch the sampling or stop it; a stopped registration writes the field of the
+            step it stopped at.
+        guides: guide objects used besides ``settings.guidance`` (e.g. ones whose settings change
+            while sampling runs); ``metrics.json`` lists them by ``str(guide)``.
 
     Returns:
         The metrics written to ``metrics.json``.
 
     Raises:
         RegistrationError: see :func:`check_request`; an ``organ=`` label absent from a label map.
-        diffusereg.io.ImageError: an input cannot be read or is invalid.
+        diffusereg.io.ImageError: an input cannot be read, is invalid, or does not fit the model
+            (see :mod:`diffusereg.validation`).
     """
     output_dir = Path(output_dir)
     check_request(fixed, moving, output_dir, settings, fixed_labels, moving_labels)
     fixed_image, moving_image = _as_image(fixed), _as_image(moving)
     fixed_label_image, moving_label_image = _as_image(fixed_labels), _as_image(moving_labels)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUT_NAMES.values():  # metrics.json first: from here on the folder is unfinished
-        (output_dir / name).unlink(missing_ok=True)
+    names = {role: source_name(source, role) for role, source in _sources(fixed, moving, fixed_labels,
+                                                                           moving_labels).items()}
+    check_pair(fixed_image, moving_image, pipe.spatial_dims, pipe.preprocessing, fixed_labels=fixed_label_image,
+               moving_labels=moving_label_image, names=names)
 
     grid = pipe.preprocessing.model_grid(fixed_image.grid)
     model_labels = None
     if fixed_label_image is not None and (settings.save_trajectory or any(g.kind == "organ" for g in settings.guidance)):
         model_labels = (pipe.preprocessing.to_model_grid(fixed_label_image, grid, "labels"),
                         pipe.preprocessing.to_model_grid(moving_label_image, grid, "labels"))
-    guides = _build_guides(settings.guidance, model_labels)
+    all_guides = [*build_guides(settings.guidance, model_labels), *guides]
 
     started = time.perf_counter()
     out = pipe(fixed_image, moving_image, moving_labels=moving_label_image, num_inference_steps=settings.steps,
-               scheduler=settings.scheduler, guidance=guides, num_samples=settings.samples,
+               scheduler=settings.scheduler, guidance=all_guides, num_samples=settings.samples,
                generator=torch.Generator().manual_seed(settings.seed), return_trajectory=settings.save_trajectory,
-               output_type="np")
+               callback_on_step_end=callback_on_step_end, output_type="np")
     elapsed = time.perf_counter() - started
 
-    written = _write_images(out, fixed_image, None if moving_label_image is None else moving_label_image.array.dtype,
-                            output_dir)
-    if settings.save_trajectory:
-        _write_trajectory(out, pipe, grid, fixed_image, moving_image, None if model_labels is None else model_labels[0],
-                          settings, output_dir)
-        written += [OUTPUT_NAMES["trajectory_png"], OUTPUT_NAMES["trajectory_gif"]]
-    metrics: dict[str, Any] = {
-        "fixed": _describe(fixed), "moving": _describe(moving),
-        "fixed_labels": _describe(fixed_labels), "moving_labels": _describe(moving_labels),
-        "model": model_name, "scheduler": settings.scheduler, "steps": settings.steps,
-        "steps_run": out.num_steps_run, "samples": settings.samples, "seed": settings.seed,
-        "guidance": [str(spec) for spec in settings.guidance], "device": str(pipe.device),
-        "time_seconds": round(elapsed, 3),
-        **_evaluate(out, fixed_image, fixed_label_image, moving_label_image),
-        "outputs": [*written, OUTPUT_NAMES["metrics"]],
-        "diffusereg_version": __version__,
-    }
-    _write_json(metrics, output_dir / OUTPUT_NAMES["metrics"])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _remove_outputs(output_dir)
+    try:
+        written = _write_images(out, fixed_image,
+                                None if moving_label_image is None else moving_label_image.array.dtype, output_dir)
+        if settings.save_trajectory:
+            _write_trajectory(out, pipe, grid, fixed_image, moving_image,
+                              None if model_labels is None else model_labels[0], settings, output_dir)
+            written += [OUTPUT_NAMES["trajectory_png"], OUTPUT_NAMES["trajectory_gif"]]
+        metrics: dict[str, Any] = {
+            "fixed": _describe(fixed), "moving": _describe(moving),
+            "fixed_labels": _describe(fixed_labels), "moving_labels": _describe(moving_labels),
+            "model": model_name, "scheduler": settings.scheduler, "steps": settings.steps,
+            "steps_run": out.num_steps_run, "samples": settings.samples, "seed": settings.seed,
+            "guidance": [*(str(spec) for spec in settings.guidance), *(str(guide) for guide in guides)],
+            "device": str(pipe.device),
+            "time_seconds": round(elapsed, 3),
+            **_evaluate(out, fixed_image, fixed_label_image, moving_label_image),
+            "outputs": [*written, OUTPUT_NAMES["metrics"]],
+            "diffusereg_version": __version__,
+        }
+        _write_json(metrics, output_dir / OUTPUT_NAMES["metrics"])
+    except BaseException:  # KeyboardInterrupt included: no output of an unfinished registration stays
+        _remove_outputs(output_dir)
+        raise
     return metrics
 
 

@@ -19,9 +19,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusereg.callbacks import TrajectoryRecorder
 from diffusereg.data.preprocessing import PaperPreprocessing, resample_to_grid
 from diffusereg.guidance import Guide, GuidanceFunction, as_guide
+from diffusereg.hub import resolve_model
 from diffusereg.io import Grid, Image, read_image, validate_image, write_atomically
 from diffusereg.models import DiffuseRegDenoiser
 from diffusereg.spatial import warp
+from diffusereg.validation import WeightsError, check_pair, check_sources, check_weights, source_name
 
 __all__ = ["DiffuseRegPipeline", "DiffuseRegPipelineOutput", "default_scheduler"]
 
@@ -141,15 +143,35 @@ class DiffuseRegPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ saving and loading
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "DiffuseRegPipeline":
-        """Load from a local directory or a Hugging Face Hub repo id; safetensors weights only.
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, allow_pickle: bool = False,
+                        **kwargs: Any) -> "DiffuseRegPipeline":
+        """Load a bundled model by its short name (e.g. ``"diffusereg/acdc-2d"``, offline), a local
+        directory or a Hugging Face Hub repo id.
 
-        Pickle weights (``.bin``) are refused: they can run code when loaded.
+        A local folder's weights are checked first (:func:`~diffusereg.validation.check_weights`):
+        complete safetensors files holding the tensors its config builds. Weights stored in half
+        precision are loaded into the float32 model (upcast) unless a ``dtype`` is given.
+
+        Args:
+            pretrained_model_name_or_path: bundled name, folder or Hub id.
+            allow_pickle: also load pickle weights (``.bin``, where a component has no
+                safetensors file). Pickle files can run code when loaded: only for weights from a
+                source you trust. Default False: they are refused.
+            **kwargs: passed to ``DiffusionPipeline.from_pretrained``.
+
+        Raises:
+            diffusereg.validation.WeightsError: pickle weights without ``allow_pickle``; corrupt,
+                truncated or mismatched weights (naming the file).
         """
-        if kwargs.get("use_safetensors") is False:
-            raise ValueError("diffusereg loads safetensors weights only; pickle weights can execute code when loaded")
-        kwargs["use_safetensors"] = True
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if not allow_pickle:
+            if kwargs.get("use_safetensors") is False:
+                raise WeightsError("use_safetensors=False loads pickle weights, which can run code when loaded; "
+                                   "pass allow_pickle=True if you trust their source")
+            kwargs["use_safetensors"] = True
+        source = resolve_model(pretrained_model_name_or_path)
+        if Path(source).is_dir():
+            check_weights(source, allow_pickle)
+        return super().from_pretrained(source, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, model_card: str | None = None, **kwargs: Any) -> None:
         """Save components (safetensors) and a model card ``README.md``.
@@ -377,16 +399,25 @@ class DiffuseRegPipeline(DiffusionPipeline):
             output_type: ``"pt"`` (CPU tensors) or ``"np"`` (NumPy arrays).
             eta: DDIM stochasticity (0 = deterministic).
             return_dict: return a :class:`DiffuseRegPipelineOutput` (else a tuple in its field order).
+
+        Raises:
+            diffusereg.io.ImageError: an image input cannot be read, is invalid, or does not fit
+                this model (the checks of :mod:`diffusereg.validation`), naming the input.
         """
         if output_type not in ("pt", "np"):
             raise ValueError(f"output_type must be 'pt' or 'np', got {output_type!r}")
+        sources = {"fixed": fixed, "moving": moving, "moving_labels": moving_labels}
+        check_sources(sources)  # files: before any voxel is read
         fixed_image = self._as_image(fixed, "fixed")
         if fixed_image is not None:
             moving_image = self._as_image(moving, "moving")
             if moving_image is None:
                 raise TypeError("moving must be given like fixed: a path, SimpleITK image or diffusereg.io.Image")
+            labels_image = self._as_image(moving_labels, "moving_labels")
+            check_pair(fixed_image, moving_image, self.spatial_dims, self.preprocessing, moving_labels=labels_image,
+                       names={role: source_name(source, role) for role, source in sources.items()})
             output = self._register_images(
-                fixed_image, moving_image, self._as_image(moving_labels, "moving_labels"), output_type,
+                fixed_image, moving_image, labels_image, output_type,
                 num_inference_steps=num_inference_steps, scheduler=scheduler, guidance=guidance,
                 callback_on_step_end=callback_on_step_end,
                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, num_samples=num_samples,

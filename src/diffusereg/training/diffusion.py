@@ -77,14 +77,18 @@ class DiffusionStage(Stage):
 
     def predict_field(self, model: nn.Module, fixed: Tensor, moving: Tensor, generator: torch.Generator) -> Tensor:
         """A short DDIM sampling run (``validation.num_inference_steps``) through the pipeline."""
-        pipe = DiffuseRegPipeline(denoiser=model, scheduler=default_scheduler("ddim"))
+        pipe = self.pipeline(model)
         pipe.set_progress_bar_config(disable=True)
         return pipe(fixed, moving, num_inference_steps=self.config.validation.num_inference_steps,
                     generator=generator).field
 
+    def pipeline(self, model: nn.Module) -> DiffuseRegPipeline:
+        """``model`` with a DDIM scheduler, on the model grid (spacing, size) of the training data."""
+        return DiffuseRegPipeline(denoiser=model, scheduler=default_scheduler("ddim"),
+                                  model_spacing=self.config.data.spacing, model_size=self.config.data.size)
+
     def export(self, model: nn.Module, train_dataset: Dataset, output_dir: Path) -> None:
-        pipe = DiffuseRegPipeline(denoiser=model, scheduler=default_scheduler("ddim"))
-        pipe.save_pretrained(output_dir / "pipeline", safe_serialization=True)
+        self.pipeline(model).save_pretrained(output_dir / "pipeline", safe_serialization=True)
 
 
 def train_diffusion(config: DiffusionConfig, resume: bool = False, until_step: int | None = None) -> dict[str, float]:

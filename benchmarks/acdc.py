@@ -1,0 +1,152 @@
+"""ACDC benchmark: identity, ANTs SyN, the teacher network and diffusereg, on the same cases, in one process.
+
+Run (from the repository root, ACDC beside the checkout):
+
+    python benchmarks/acdc.py --data ../shared/data/acdc/training --split val \
+        --model diffusereg/acdc-2d --output benchmarks/results/acdc_val
+
+Methods (each on every case of the split, paper protocol, see ``diffusereg.evaluation``):
+identity; ANTs SyN (``antspyx``, ``pip install -e ".[baselines]"``; skipped with a message when
+absent); the teacher network bundled with the model (``<model>/teacher``); diffusereg with DDIM at
+1, 5, 10 and 50 steps, with and without the ``EarlyStopping`` callback; DDPM over the full 2000
+steps on the first ``--ddpm-cases`` cases.
+
+Writes ``cases.csv``, ``summary.json`` and ``summary.md`` to ``--output`` and prints the table,
+with, for each diffusion method, the ratio of its sampling time to (steps run x one denoiser
+forward on the same batch) and the peak resident memory of the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffusereg.callbacks import EarlyStopping
+from diffusereg.data import ACDCDataset
+from diffusereg.evaluation import (RegistrationResult, Registrar, evaluate, identity_registrar, pipeline_registrar,
+                                   summary_markdown, teacher_registrar, write_evaluation)
+from diffusereg.hub import resolve_model
+from diffusereg.models import RegistrationNet
+from diffusereg.pipelines import DiffuseRegPipeline
+
+
+def ants_syn_registrar(axis_spacing: tuple[float, ...], threads: int) -> Registrar | None:
+    """ANTs SyN with its defaults (``type_of_transform="SyN"``: affine then SyN), or None without antspyx.
+
+    The images get the model grid's voxel size (array-axis order) so SyN works in mm; the composed
+    transform is read back as a displacement field and converted to voxels.
+    """
+    try:
+        import ants
+    except ImportError:
+        print("ANTs SyN skipped: antspyx is not installed (pip install -e '.[baselines]')", file=sys.stderr)
+        return None
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
+    spacing = np.asarray(axis_spacing, dtype=np.float64)
+
+    def register(fixed: np.ndarray, moving: np.ndarray) -> RegistrationResult:
+        fixed_image = ants.from_numpy(fixed.astype(np.float32), spacing=tuple(spacing))
+        moving_image = ants.from_numpy(moving.astype(np.float32), spacing=tuple(spacing))
+        result = ants.registration(fixed=fixed_image, moving=moving_image, type_of_transform="SyN")
+        with tempfile.TemporaryDirectory() as folder:
+            composed = ants.apply_transforms(fixed_image, moving_image, result["fwdtransforms"],
+                                             compose=str(Path(folder) / "field"))
+            vectors = ants.image_read(composed).numpy()  # (*S, ndim), mm along the array axes
+        for path in result["fwdtransforms"] + result["invtransforms"]:
+            Path(path).unlink(missing_ok=True)
+        field = np.moveaxis(vectors, -1, 0) / spacing.reshape(-1, *([1] * fixed.ndim))
+        return RegistrationResult(field.astype(np.float32))
+
+    return register
+
+
+def denoiser_forward_seconds(pipe: DiffuseRegPipeline, fixed: np.ndarray, moving: np.ndarray, repeats: int = 3) -> float:
+    """Best-of-``repeats`` time of one full denoiser forward (image encoder included, as a loop that
+    does not reuse image features pays at every step) on the batch the pipeline builds for this pair."""
+    batch = pipe._to_model_grid(fixed, moving, None)
+    with torch.no_grad():
+        sample = torch.randn(batch.fixed.shape[0], pipe.spatial_dims, *batch.fixed.shape[2:])
+        timestep = torch.full((sample.shape[0],), 999)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            pipe.denoiser(sample, timestep, fixed=batch.fixed, moving=batch.moving)
+            times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/acdc/training"))
+    parser.add_argument("--split", choices=("val", "train", "all"), default="val")
+    parser.add_argument("--patients", type=int, nargs="+", help="only these patient numbers")
+    parser.add_argument("--model", default="diffusereg/acdc-2d")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/acdc_val"))
+    parser.add_argument("--ddim-steps", type=int, nargs="+", default=[1, 5, 10, 50])
+    parser.add_argument("--early-stopping", type=float, default=0.02, help="EarlyStopping tolerance (voxels)")
+    parser.add_argument("--ddpm-cases", type=int, default=2, help="cases for the full-length DDPM run (0: skip)")
+    parser.add_argument("--skip", nargs="*", default=[], help="method names to leave out (e.g. 'ANTs SyN')")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    pipe = DiffuseRegPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    dataset = ACDCDataset(args.data, split=args.split, spatial_dims=3, patients=args.patients,
+                          preprocessing=pipe.preprocessing)
+    spacing = pipe.preprocessing.model_grid(dataset.case(0).fixed.grid).model.axis_spacing
+
+    methods: dict[str, Registrar | None] = {"identity": identity_registrar}
+    methods["ANTs SyN"] = ants_syn_registrar(spacing, args.threads) if "ANTs SyN" not in args.skip else None
+    teacher_folder = Path(resolve_model(args.model)) / "teacher"
+    if teacher_folder.is_dir():
+        methods["teacher (one-shot)"] = teacher_registrar(RegistrationNet.from_pretrained(teacher_folder).eval())
+    stopper = EarlyStopping(tolerance=args.early_stopping)
+    for steps in args.ddim_steps:
+        methods[f"DDIM {steps}"] = pipeline_registrar(pipe, steps, seed=args.seed, scheduler="ddim")
+        if steps >= 5:
+            methods[f"DDIM {steps} + EarlyStopping({args.early_stopping:g})"] = pipeline_registrar(
+                pipe, steps, seed=args.seed, scheduler="ddim", callback_on_step_end=stopper)
+
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for name, registrar in methods.items():
+        if registrar is None or name in args.skip:
+            continue
+        rows[name] = evaluate(dataset, registrar, description=name)
+    if args.ddpm_cases > 0 and "DDPM 2000" not in args.skip:
+        subset = ACDCDataset(args.data, split=args.split, spatial_dims=3, patients=dataset.names[:args.ddpm_cases],
+                             preprocessing=pipe.preprocessing)
+        ddpm = pipeline_registrar(pipe, 2000, seed=args.seed, scheduler="ddpm")
+        rows[f"DDPM 2000 ({args.ddpm_cases} cases)"] = evaluate(subset, ddpm, description="DDPM 2000")
+
+    pair = dataset.preprocessed(0)
+    forward = denoiser_forward_seconds(pipe, pair.fixed, pair.moving)
+    overhead = {name: float(np.mean([row["seconds"] / (row["steps_run"] * forward) for row in method_rows]))
+                for name, method_rows in rows.items() if method_rows[0]["steps_run"]}
+    settings = {"data": str(args.data), "split": args.split, "cases": dataset.names, "model": args.model,
+                "seed": args.seed, "threads": args.threads, "denoiser_forward_seconds": forward,
+                "sampling_time_over_steps_x_forward": overhead, "peak_rss_mib": peak_rss_mib(),
+                "torch": torch.__version__, "command": " ".join(sys.argv)}
+    summaries = write_evaluation(args.output, rows, settings)
+    print(summary_markdown(summaries))
+    print(f"one denoiser forward on a case's batch: {forward:.3f} s; peak RSS {peak_rss_mib():.0f} MiB")
+    for name, ratio in overhead.items():
+        print(f"{name}: sampling time / (steps run x one forward) = {ratio:.3f}")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,633 @@
+"""Control you can measure: guidance, early stopping and uncertainty on ACDC validation cases.
+
+Run (from the repository root, ACDC beside the checkout):
+
+    python benchmarks/control.py --model diffusereg/acdc-2d --output benchmarks/results/control_val
+
+Every case of the validation split (``--patients`` to restrict) is registered once per seed
+(``--seeds``) without guidance ("none", ``--steps`` DDIM steps), and every configuration below is
+compared with it on the same case and seed (so the same initial noise); registration and scoring
+follow the paper's protocol (:mod:`diffusereg.evaluation`, model grid, Dice in percent).
+
+- smoothness: ``SmoothnessGuidance`` at each of ``--smoothness-scales``: NJD %, JSD, Overall Dice.
+- organ: ``OrganMaskGuidance(fixed_mask)`` targeting LV, Myo and RV, the mask taken from the fixed
+  labels only (what a user with a segmentation of the fixed image has), at each of
+  ``--organ-scales``; and, in separate rows, ``OrganMaskGuidance(fixed_mask, moving_mask)`` for
+  ``--organ-both-targets``. Dice of the targeted structure and of the two others.
+- direction: ``DirectionGuidance`` asking the mean displacement inside the fixed ``--direction-region``
+  to be the unguided one plus ``--direction-offset`` voxels (in-plane, rows and columns); angle
+  (degrees) and relative magnitude error of the achieved mean against the prescribed one.
+- early-stopping: ``EarlyStopping`` at each of ``--early-stopping-tolerances`` on the ``--steps``
+  and ``--early-stopping-steps`` schedules: steps saved (%) and Overall Dice change against the
+  full schedule. Each schedule is sampled once in full and every rule is replayed on the recorded
+  clean-field estimates: sampling is deterministic (DDIM, eta 0) and the steps before a stop are
+  the same with or without it, so the replay returns exactly the field a stopped run returns.
+- uncertainty: ``num_samples=--num-samples``; Spearman correlation between the mean uncertainty
+  magnitude inside each structure (LV, Myo, RV of the fixed labels) and that structure's Dice error
+  (1 - Dice), pooled over cases and structures; and per case the point-biserial correlation between
+  the voxel uncertainty magnitude and label disagreement (warped moving labels != fixed labels) in
+  the heart (fixed or warped labels > 0) dilated in-plane by ``--heart-margin`` voxels.
+
+Cost per case and seed, counted in ``--steps``-step single-sample registrations: 1 (none)
++ smoothness scales + 3 x organ scales + organ-both targets + direction scales
++ early-stopping-steps / steps + num-samples; 19 with the defaults. ``--sections`` picks sections.
+
+Writes to ``--output``: ``control.json`` (settings, per-case rows, summaries, correlations and
+seconds per section), ``control.md`` (one table per kind of control, also printed) and one PNG per
+kind of control for one slice of one case (``--figure-patient``, ``--figure-slice``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
+from scipy import ndimage, stats
+from tqdm.auto import tqdm
+
+from diffusereg.callbacks import EarlyStopping, TrajectoryRecorder
+from diffusereg.data import ACDC_LABELS, ACDCDataset, PreprocessedPair
+from diffusereg.evaluation import (RegistrationResult, pipeline_registrar, score_case, summarize, summary_markdown,
+                                   warp_labels)
+from diffusereg.guidance import DirectionGuidance, Guide, OrganMaskGuidance, SmoothnessGuidance
+from diffusereg.io import write_atomically
+from diffusereg.metrics import acdc_dice
+from diffusereg.pipelines import DiffuseRegPipeline
+from diffusereg.spatial import jacobian_determinant
+
+SECTIONS = ("smoothness", "organ", "direction", "early-stopping", "uncertainty")
+ORGANS = ("LV", "Myo", "RV")
+LABEL_COLOURS = {"RV": "tab:cyan", "Myo": "tab:green", "LV": "tab:orange"}
+
+SECTION_COLUMNS: dict[str, tuple[str, ...]] = {
+    "smoothness": ("Overall", "d_Overall", "NJD_percent", "d_NJD_percent", "JSD", "d_JSD", "field_change"),
+    "organ": ("LV", "Myo", "RV", "Overall", "d_target", "d_others", "d_Overall", "NJD_percent", "field_change"),
+    "direction": ("angle_error_deg", "magnitude_error", "residual_voxels", "Overall", "d_Overall", "NJD_percent",
+                  "field_change"),
+    "early-stopping": ("steps_run", "steps_saved_percent", "Overall", "d_Overall", "NJD_percent", "field_change"),
+    "uncertainty": ("Overall", "d_Overall", "NJD_percent", "uncertainty_heart", "uncertainty_LV", "uncertainty_Myo",
+                    "uncertainty_RV", "voxel_r"),
+}
+"""Table columns of each section. ``d_<c>``: the configuration minus its reference on the same case
+and seed (none; the full schedule for early stopping). ``field_change``: mean length of the field
+difference to that reference inside the fixed heart, voxels. ``magnitude_error``: |achieved| /
+|prescribed| - 1. ``uncertainty_<s>``: mean uncertainty magnitude inside structure ``s``, voxels."""
+
+PRECISE_COLUMNS = ("NJD_percent", "d_NJD_percent", "JSD", "d_JSD", "field_change", "magnitude_error",
+                   "uncertainty_heart", "uncertainty_LV", "uncertainty_Myo", "uncertainty_RV", "voxel_r")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One registration problem: a preprocessed ACDC pair (model grid ``(D, H, W)``) and the seed of its noise."""
+
+    name: str
+    group: str
+    seed: int
+    pair: PreprocessedPair
+
+
+@dataclass
+class Run:
+    """One configuration registered on one case.
+
+    Attributes:
+        result: field ``(3, D, H, W)`` in voxels of the model grid, steps run, uncertainty.
+        row: the evaluation row (``CASE_COLUMNS``, Dice in %) plus ``config``, ``seed`` and the
+            section's own columns.
+        trajectory: the clean-field estimate of every step, pipeline layout ``(N, ndim, *S)``, CPU;
+            recorded only where a section needs it.
+    """
+
+    result: RegistrationResult
+    row: dict[str, Any]
+    trajectory: list[torch.Tensor] = field(default_factory=list)
+
+
+Section = Callable[[DiffuseRegPipeline, Case, Run, argparse.Namespace], list[Run]]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def label_mask(labels: np.ndarray, structure: str) -> np.ndarray:
+    """Float32 0/1 mask ``(D, H, W)`` of one ACDC structure (``"LV"``, ``"Myo"`` or ``"RV"``)."""
+    return (labels == ACDC_LABELS[structure]).astype(np.float32)
+
+
+def volume_field(x0: torch.Tensor) -> np.ndarray:
+    """A clean-field estimate of one volume and one sample as a field ``(3, D, H, W)``, voxels.
+
+    ``x0`` is ``(1, 3, D, H, W)`` for a 3D model, or ``(D, 2, H, W)`` for a 2D model that registered
+    the volume's slices (zero displacement across slices, as the pipeline returns it).
+    """
+    if x0.ndim == 5:
+        return x0[0].numpy()
+    in_plane = x0.transpose(0, 1)
+    return torch.cat([torch.zeros_like(in_plane[:1]), in_plane]).numpy()
+
+
+def scored(case: Case, config: str, result: RegistrationResult, seconds: float) -> Run:
+    """Score ``result`` on ``case`` with the evaluation protocol; the row gets ``config`` and ``seed``."""
+    row = score_case(case.pair, result, case.name, case.group, seconds)
+    row.update(config=config, seed=case.seed)
+    return Run(result, row)
+
+
+def register(pipe: DiffuseRegPipeline, case: Case, config: str, steps: int, record: bool = False,
+             **call_kwargs: Any) -> Run:
+    """Register ``case`` with ``steps`` steps and the case's seed, ``call_kwargs`` going to the pipeline
+    (``guidance``, ``num_samples``), and score it; ``record`` keeps the clean-field estimate of every step."""
+    recorder = TrajectoryRecorder() if record else None
+    if recorder is not None:
+        call_kwargs["callback_on_step_end"] = recorder
+    started = time.perf_counter()
+    result = pipeline_registrar(pipe, steps, seed=case.seed, **call_kwargs)(case.pair.fixed, case.pair.moving)
+    run = scored(case, config, result, time.perf_counter() - started)
+    if recorder is not None:
+        run.trajectory = recorder.fields
+    return run
+
+
+def differences(run: Run, reference: Run, case: Case, columns: Sequence[str]) -> dict[str, float]:
+    """``d_<c>`` = run minus reference for each of ``columns``, and ``field_change``: the mean length
+    of the field difference inside the fixed heart, voxels."""
+    heart = case.pair.fixed_labels > 0
+    change = np.linalg.norm(run.result.field - reference.result.field, axis=0)[heart]
+    out = {f"d_{column}": run.row[column] - reference.row[column] for column in columns}
+    out["field_change"] = float(change.mean()) if change.size else math.nan
+    return out
+
+
+def guided(pipe: DiffuseRegPipeline, case: Case, none: Run, config: str, steps: int, guide: Guide,
+           columns: Sequence[str]) -> Run:
+    """Register ``case`` with one guide and add its :func:`differences` to the unguided run ``none``."""
+    run = register(pipe, case, config, steps, guidance=[guide])
+    run.row.update(differences(run, none, case, columns))
+    return run
+
+
+def replay_early_stopping(rule: EarlyStopping, trajectory: Sequence[torch.Tensor]) -> int | None:
+    """The step at which ``rule`` stops a run whose clean-field estimates were ``trajectory``, or None.
+
+    The rule sees each recorded ``x0`` as it would during sampling; its ``pipe.interrupt = True``
+    lands on a stand-in. ``EarlyStopping`` ignores the timestep, passed as -1.
+    """
+    probe = SimpleNamespace(interrupt=False)
+    for step, x0 in enumerate(trajectory):
+        rule(probe, step, -1, {"x0": x0})
+        if probe.interrupt:
+            return step
+    return None
+
+
+def region_mean(displacement: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Mean displacement ``(3,)`` (voxels, array-axis order) of a field ``(3, *S)`` over a boolean region ``(*S)``."""
+    return displacement[:, region].mean(axis=1)
+
+
+def direction_errors(achieved: np.ndarray, target: np.ndarray) -> dict[str, Any]:
+    """Angle (degrees), relative magnitude error (|achieved| / |target| - 1) and distance (voxels)
+    of an achieved mean displacement ``(3,)`` against the prescribed one; NaN angle for a zero vector."""
+    length, target_length = float(np.linalg.norm(achieved)), float(np.linalg.norm(target))
+    if length * target_length > 1e-12:
+        angle = math.degrees(math.acos(np.clip(achieved @ target / (length * target_length), -1.0, 1.0)))
+    else:
+        angle = math.nan
+    return {"angle_error_deg": angle,
+            "magnitude_error": length / target_length - 1.0 if target_length > 1e-12 else math.nan,
+            "residual_voxels": float(np.linalg.norm(achieved - target)),
+            "mean_displacement": achieved.tolist(), "target_displacement": target.tolist()}
+
+
+def heart_region(fixed_labels: np.ndarray, warped_labels: np.ndarray, margin: int) -> np.ndarray:
+    """Voxels ``(D, H, W)`` where the fixed or the warped moving labels are heart, dilated in-plane by ``margin``."""
+    heart = (fixed_labels > 0) | (warped_labels > 0)
+    if margin == 0:
+        return heart
+    return ndimage.binary_dilation(heart, structure=np.ones((1, 3, 3), dtype=bool), iterations=margin)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
+    """Spearman's rho and its two-sided p-value over the finite pairs; NaN with fewer than 3 pairs."""
+    pairs = np.array([(a, b) for a, b in zip(x, y) if math.isfinite(a) and math.isfinite(b)]).reshape(-1, 2)
+    if len(pairs) < 3:
+        return {"rho": math.nan, "p": math.nan, "n": len(pairs)}
+    result = stats.spearmanr(pairs[:, 0], pairs[:, 1])
+    return {"rho": float(result.statistic), "p": float(result.pvalue), "n": len(pairs)}
+
+
+@contextmanager
+def timed(seconds: dict[str, float], key: str) -> Iterator[None]:
+    """Add the wall time of the ``with`` block to ``seconds[key]``."""
+    started = time.perf_counter()
+    yield
+    seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - started
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with NaN/inf as None and NumPy scalars as Python numbers, for strict JSON."""
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- sections
+def smoothness_runs(pipe: DiffuseRegPipeline, case: Case, none: Run, args: argparse.Namespace) -> list[Run]:
+    """None, then ``SmoothnessGuidance`` at every scale."""
+    return [none] + [guided(pipe, case, none, f"smoothness {scale:g}", args.steps, SmoothnessGuidance(scale=scale),
+                            ("Overall", "NJD_percent", "JSD"))
+                     for scale in args.smoothness_scales]
+
+
+def organ_runs(pipe: DiffuseRegPipeline, case: Case, none: Run, args: argparse.Namespace) -> list[Run]:
+    """None, then ``OrganMaskGuidance`` on the fixed mask of each structure at every scale, then with
+    fixed and moving masks for the ``--organ-both-targets``."""
+    configs = [(target, scale, False) for target in ORGANS for scale in args.organ_scales]
+    configs += [(target, args.organ_both_scale, True) for target in args.organ_both_targets]
+    runs = [none]
+    for target, scale, both in configs:
+        fixed_mask = label_mask(case.pair.fixed_labels, target)
+        moving_mask = label_mask(case.pair.moving_labels, target) if both else None
+        config = f"{target}: {'fixed+moving masks' if both else 'fixed mask'}, scale {scale:g}"
+        run = guided(pipe, case, none, config, args.steps, OrganMaskGuidance(fixed_mask, moving_mask, scale=scale),
+                     ("Overall", *ORGANS))
+        others = [run.row[f"d_{other}"] for other in ORGANS if other != target]
+        run.row.update(target=target, d_target=run.row[f"d_{target}"], d_others=float(np.mean(others)))
+        runs.append(run)
+    return runs
+
+
+def direction_runs(pipe: DiffuseRegPipeline, case: Case, none: Run, args: argparse.Namespace) -> list[Run]:
+    """None and ``DirectionGuidance`` at every scale, each scored against the prescribed mean
+    displacement in the region: the unguided mean there plus ``--direction-offset``."""
+    region = label_mask(case.pair.fixed_labels, args.direction_region) > 0
+    unguided = region_mean(none.result.field, region)
+    target = unguided + np.array([0.0, *args.direction_offset])
+    runs = [Run(none.result, {**none.row, **direction_errors(unguided, target)})]
+    for scale in args.direction_scales:
+        guide = DirectionGuidance(target[-pipe.spatial_dims:].tolist(), mask=region.astype(np.float32), scale=scale)
+        run = guided(pipe, case, none, f"direction {scale:g}", args.steps, guide, ("Overall", "NJD_percent"))
+        run.row.update(direction_errors(region_mean(run.result.field, region), target))
+        runs.append(run)
+    return runs
+
+
+def early_stopping_runs(pipe: DiffuseRegPipeline, case: Case, none: Run, args: argparse.Namespace) -> list[Run]:
+    """For each schedule (``--steps``, reusing the unguided run, and ``--early-stopping-steps``): the
+    full run, then what ``EarlyStopping`` at each tolerance would have returned (see the module docstring)."""
+    runs = []
+    for steps in dict.fromkeys((args.steps, args.early_stopping_steps)):
+        config = f"{steps} steps, full"
+        recorded = none if steps == args.steps else register(pipe, case, config, steps, record=True)
+        full = Run(recorded.result, {**recorded.row, "config": config, "schedule_steps": steps, "tolerance": None,
+                                     "steps_saved_percent": 0.0}, recorded.trajectory)
+        runs.append(full)
+        for tolerance in args.early_stopping_tolerances:
+            stop = replay_early_stopping(EarlyStopping(tolerance, patience=args.early_stopping_patience),
+                                         full.trajectory)
+            steps_run = steps if stop is None else stop + 1
+            result = RegistrationResult(volume_field(full.trajectory[steps_run - 1]), steps_run)
+            run = scored(case, f"{steps} steps, EarlyStopping({tolerance:g})", result, math.nan)
+            run.row.update(differences(run, full, case, ("Overall", "NJD_percent")), schedule_steps=steps,
+                           tolerance=tolerance, steps_saved_percent=100.0 * (steps - steps_run) / steps)
+            runs.append(run)
+    return runs
+
+
+def uncertainty_runs(pipe: DiffuseRegPipeline, case: Case, none: Run, args: argparse.Namespace) -> list[Run]:
+    """None and ``num_samples`` samples, with the uncertainty magnitude per structure and the
+    voxel-level point-biserial correlation with label disagreement (``voxel_r``)."""
+    run = register(pipe, case, f"{args.num_samples} samples (mean field)", args.steps, num_samples=args.num_samples)
+    magnitude = np.linalg.norm(run.result.uncertainty, axis=0)  # (D, H, W), voxels
+    fixed = case.pair.fixed_labels
+    warped = warp_labels(case.pair.moving_labels, run.result.field)
+    region = heart_region(fixed, warped, args.heart_margin)
+    disagreement = (warped != fixed)[region].astype(np.float64)
+    varies = 0 < disagreement.sum() < disagreement.size
+    voxel_r = stats.pointbiserialr(disagreement, magnitude[region]).statistic if varies else math.nan
+    run.row.update(differences(run, none, case, ("Overall",)), voxel_r=float(voxel_r),
+                   uncertainty_heart=float(magnitude[fixed > 0].mean()),
+                   **{f"uncertainty_{s}": float(magnitude[fixed == ACDC_LABELS[s]].mean()) for s in ORGANS})
+    return [none, run]
+
+
+SECTION_RUNS: dict[str, Section] = {"smoothness": smoothness_runs, "organ": organ_runs, "direction": direction_runs,
+                                    "early-stopping": early_stopping_runs, "uncertainty": uncertainty_runs}
+
+
+def uncertainty_correlations(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Structure level: Spearman of mean uncertainty inside LV/Myo/RV against 1 - Dice, pooled over
+    cases, seeds and structures, and per structure; voxel level: the per-case point-biserial r."""
+    sampled = [row for row in rows if "voxel_r" in row]
+
+    def points(structures: Sequence[str]) -> dict[str, float]:
+        pairs = [(row[f"uncertainty_{s}"], 1.0 - row[s] / 100.0) for row in sampled for s in structures]
+        return spearman([u for u, _ in pairs], [e for _, e in pairs])
+
+    voxel = np.array([row["voxel_r"] for row in sampled], dtype=np.float64)
+    voxel = voxel[np.isfinite(voxel)]
+    return {"structure_spearman_pooled": points(ORGANS),
+            "structure_spearman": {s: points((s,)) for s in ORGANS},
+            "voxel_pointbiserial": {"mean": float(voxel.mean()) if voxel.size else math.nan,
+                                    "std": float(voxel.std(ddof=1)) if voxel.size > 1 else math.nan,
+                                    "min": float(voxel.min()) if voxel.size else math.nan,
+                                    "max": float(voxel.max()) if voxel.size else math.nan, "n": int(voxel.size)}}
+
+
+def correlation_markdown(correlations: dict[str, Any], margin: int) -> str:
+    """The uncertainty correlations as a Markdown table."""
+    lines = ["| correlation | n | coefficient | p |", "|---|---:|---:|---:|"]
+    pooled = correlations["structure_spearman_pooled"]
+    lines.append(f"| Spearman: mean uncertainty in structure vs 1 - Dice, pooled over LV, Myo, RV | {pooled['n']} | "
+                 f"{pooled['rho']:.3f} | {pooled['p']:.3g} |")
+    for structure, result in correlations["structure_spearman"].items():
+        lines.append(f"| Spearman, {structure} only | {result['n']} | {result['rho']:.3f} | {result['p']:.3g} |")
+    voxel = correlations["voxel_pointbiserial"]
+    lines.append(f"| point-biserial: voxel uncertainty vs label disagreement, heart dilated {margin} voxels; "
+                 f"mean (std) [min, max] over cases | {voxel['n']} | {voxel['mean']:.3f} ({voxel['std']:.3f}) "
+                 f"[{voxel['min']:.3f}, {voxel['max']:.3f}] | - |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- figures
+@dataclass(frozen=True)
+class FigureSlice:
+    """The slice drawn in every figure: a depth index and an in-plane crop around the heart."""
+
+    case: Case
+    depth: int
+    crop: tuple[slice, slice]
+
+    @classmethod
+    def around_heart(cls, case: Case, depth: int | None, margin: int = 16) -> "FigureSlice":
+        """The slice ``depth`` (default: the one with most fixed heart voxels), cropped to the heart +- ``margin``."""
+        heart = case.pair.fixed_labels > 0
+        if depth is None:
+            depth = int(np.argmax(heart.sum(axis=(1, 2))))
+        rows, cols = np.nonzero(heart[depth] if heart[depth].any() else np.ones_like(heart[depth]))
+        height, width = heart.shape[1:]
+        crop = (slice(max(rows.min() - margin, 0), min(rows.max() + margin + 1, height)),
+                slice(max(cols.min() - margin, 0), min(cols.max() + margin + 1, width)))
+        return cls(case, depth, crop)
+
+    def cut(self, volume: np.ndarray) -> np.ndarray:
+        """The cropped slice ``(h, w)`` of a volume ``(D, H, W)``."""
+        return volume[self.depth][self.crop]
+
+    def show_fixed(self, ax: Axes, title: str) -> None:
+        """The fixed image, grey, no ticks."""
+        ax.imshow(self.cut(self.case.pair.fixed), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+        ax.set_axis_off()
+
+
+def new_figure(panels: int, title: str) -> tuple[Figure, list[Axes]]:
+    """A figure with ``panels`` axes side by side and a title (Agg canvas, no pyplot state)."""
+    figure = Figure(figsize=(3.6 * panels, 4.0))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, panels, squeeze=False)[0]
+    figure.suptitle(title, fontsize=9)
+    return figure, list(axes)
+
+
+def save_figure(figure: Figure, path: Path) -> None:
+    """Write a PNG atomically."""
+    write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=110, bbox_inches="tight"))
+
+
+def smoothness_figure(view: FigureSlice, runs: list[Run], args: argparse.Namespace) -> Figure:
+    """Jacobian determinant of each run's field on the slice; folds (det <= 0) outlined in black."""
+    figure, axes = new_figure(len(runs), f"{view.case.name}, slice {view.depth}: Jacobian determinant "
+                                         "(blue < 1 < red; black: det <= 0)")
+    depth = min(view.depth, view.case.pair.fixed.shape[0] - 2)  # forward differences drop the last slice
+    for ax, run in zip(axes, runs):
+        determinant = jacobian_determinant(torch.from_numpy(run.result.field)[None], method="forward")[0].numpy()
+        cut = determinant[depth][view.crop]
+        shown = ax.imshow(cut, cmap="coolwarm", norm=TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=2.0))
+        if np.any(cut <= 0):
+            ax.contour(cut <= 0, levels=[0.5], colors="black", linewidths=0.6)
+        ax.set_title(f"{run.row['config']}\nNJD {run.row['NJD_percent']:.2f} % (volume)", fontsize=8)
+        ax.set_axis_off()
+    figure.colorbar(shown, ax=axes, shrink=0.7)
+    return figure
+
+
+def organ_figure(view: FigureSlice, runs: list[Run], args: argparse.Namespace) -> Figure:
+    """Warped moving label contours over the fixed image, for none and each run targeting the first
+    structure; the fixed contour of that structure dashed white."""
+    target = ORGANS[0]
+    shown = [runs[0]] + [run for run in runs[1:] if run.row["target"] == target]
+    figure, axes = new_figure(len(shown), f"{view.case.name}, slice {view.depth}: warped moving labels "
+                                          f"(RV cyan, Myo green, LV orange); fixed {target} dashed white")
+    for ax, run in zip(axes, shown):
+        warped = view.cut(warp_labels(view.case.pair.moving_labels, run.result.field))
+        view.show_fixed(ax, f"{run.row['config']}\n{target} Dice {run.row[target]:.1f} %, Overall "
+                            f"{run.row['Overall']:.1f} %")
+        ax.contour(view.cut(view.case.pair.fixed_labels) == ACDC_LABELS[target], levels=[0.5], colors="white",
+                   linewidths=1.0, linestyles="--")
+        for structure, colour in LABEL_COLOURS.items():
+            if np.any(warped == ACDC_LABELS[structure]):
+                ax.contour(warped == ACDC_LABELS[structure], levels=[0.5], colors=colour, linewidths=0.9)
+    return figure
+
+
+def direction_figure(view: FigureSlice, runs: list[Run], args: argparse.Namespace) -> Figure:
+    """In-plane field inside the region (arrows, true length) and, from the region's centre, its mean
+    displacement (red) and the prescribed one (cyan), both drawn 3x longer."""
+    figure, axes = new_figure(len(runs), f"{view.case.name}, slice {view.depth}: field in the fixed "
+                                         f"{args.direction_region} (yellow); mean (red) vs prescribed (cyan), x3")
+    region = view.cut(label_mask(view.case.pair.fixed_labels, args.direction_region)) > 0
+    rows, cols = np.nonzero(region)
+    every = (rows % 2 == 0) & (cols % 2 == 0)
+    centre = (cols.mean(), rows.mean()) if rows.size else (0.0, 0.0)
+    for ax, run in zip(axes, runs):
+        in_plane = run.result.field[1:, view.depth][(slice(None), *view.crop)]  # (2, h, w): rows, columns
+        view.show_fixed(ax, f"{run.row['config']}\nangle error {run.row['angle_error_deg']:.1f} deg, "
+                            f"|mean - prescribed| {run.row['residual_voxels']:.2f} vox")
+        ax.contour(region, levels=[0.5], colors="white", linewidths=0.6)
+        at = (rows[every], cols[every])
+        ax.quiver(cols[every], rows[every], in_plane[1][at], in_plane[0][at], color="yellow", angles="xy",
+                  scale_units="xy", scale=1.0, width=0.004)
+        for vector, colour in ((run.row["mean_displacement"], "red"), (run.row["target_displacement"], "cyan")):
+            tip = (centre[0] + 3 * vector[2], centre[1] + 3 * vector[1])
+            ax.annotate("", xy=tip, xytext=centre, arrowprops=dict(arrowstyle="->", color=colour, lw=1.8))
+    return figure
+
+
+def early_stopping_figure(view: FigureSlice, runs: list[Run], args: argparse.Namespace) -> Figure:
+    """Per schedule: Overall Dice (volume) and the mean change of the clean-field estimate after every
+    step, with the tolerances (dotted) and the steps where each rule stops (vertical lines)."""
+    full_runs = [run for run in runs if run.trajectory]
+    figure, axes = new_figure(len(full_runs), f"{view.case.name}: EarlyStopping(patience "
+                                              f"{args.early_stopping_patience}) on the recorded sampling")
+    figure.subplots_adjust(wspace=0.7)  # room for the twin axes' labels
+    for ax, full in zip(axes, full_runs):
+        steps = full.row["schedule_steps"]
+        dice = [100 * acdc_dice(warp_labels(view.case.pair.moving_labels, volume_field(x0)),
+                                view.case.pair.fixed_labels)["Overall"] for x0 in full.trajectory]
+        changes = [float((b - a).abs().mean()) for a, b in zip(full.trajectory, full.trajectory[1:])]
+        ax.plot(range(1, steps + 1), dice, "o-", color="tab:blue", markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel("Overall Dice (%)", color="tab:blue")
+        ax.set_title(f"{steps} steps", fontsize=9)
+        change_ax = ax.twinx()
+        change_ax.semilogy(range(2, steps + 1), changes, "s-", color="tab:red", markersize=3)
+        change_ax.set_ylabel("mean |x0 change| (voxels)", color="tab:red")
+        stops: dict[int, list[str]] = {}
+        for run in runs:
+            if run.row["schedule_steps"] == steps and run.row["tolerance"] is not None:
+                change_ax.axhline(run.row["tolerance"], color="grey", linestyle=":", linewidth=0.8)
+                stops.setdefault(run.row["steps_run"], []).append(f"{run.row['tolerance']:g}")
+        for step, tolerances in stops.items():
+            ax.axvline(step, color="grey", linewidth=0.8)
+            ax.annotate("stop: tol " + ", ".join(tolerances), (step, ax.get_ylim()[0]), fontsize=7, rotation=90,
+                        va="bottom", ha="right")
+    return figure
+
+
+def uncertainty_figure(view: FigureSlice, runs: list[Run], args: argparse.Namespace) -> Figure:
+    """The uncertainty magnitude of the sampled run next to its label disagreement, in the dilated heart."""
+    sampled = runs[-1]
+    fixed = view.case.pair.fixed_labels
+    warped = warp_labels(view.case.pair.moving_labels, sampled.result.field)
+    region = view.cut(heart_region(fixed, warped, args.heart_margin))
+    figure, axes = new_figure(2, f"{view.case.name}, slice {view.depth}: {sampled.row['config']}; "
+                                 f"heart dilated {args.heart_margin} voxels outlined")
+    magnitude = view.cut(np.linalg.norm(sampled.result.uncertainty, axis=0))
+    view.show_fixed(axes[0], "uncertainty magnitude (voxels)")
+    shown = axes[0].imshow(np.where(region, magnitude, np.nan), cmap="magma", alpha=0.8)
+    figure.colorbar(shown, ax=axes[0], shrink=0.7)
+    view.show_fixed(axes[1], f"label disagreement (red); voxel point-biserial r = {sampled.row['voxel_r']:.3f}")
+    disagreement = region & (view.cut(warped) != view.cut(fixed))
+    axes[1].imshow(np.ma.masked_where(~disagreement, disagreement), cmap="autumn", alpha=0.7)
+    for ax in axes:
+        ax.contour(region, levels=[0.5], colors="white", linewidths=0.6)
+    return figure
+
+
+FIGURES: dict[str, Callable[[FigureSlice, list[Run], argparse.Namespace], Figure]] = {
+    "smoothness": smoothness_figure, "organ": organ_figure, "direction": direction_figure,
+    "early-stopping": early_stopping_figure, "uncertainty": uncertainty_figure}
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/acdc/training"), help="ACDC training folder")
+    parser.add_argument("--patients", type=int, nargs="+", help="only these validation patient numbers")
+    parser.add_argument("--model", default="diffusereg/acdc-2d")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/control_val"))
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--steps", type=int, default=10, help="DDIM steps of every configuration")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="initial-noise seeds, the same for all")
+    parser.add_argument("--smoothness-scales", type=float, nargs="+", default=[0.01, 0.03, 0.1])
+    parser.add_argument("--organ-scales", type=float, nargs="+", default=[1.0], help="fixed-mask OrganMaskGuidance")
+    parser.add_argument("--organ-both-targets", nargs="*", choices=ORGANS, default=["LV"],
+                        help="structures also guided with fixed and moving masks")
+    parser.add_argument("--organ-both-scale", type=float, default=0.5)
+    parser.add_argument("--direction-region", choices=ORGANS, default="LV")
+    parser.add_argument("--direction-offset", type=float, nargs=2, default=[0.0, 2.0], metavar=("ROWS", "COLUMNS"),
+                        help="prescribed change of the region's mean displacement, voxels along H and W")
+    parser.add_argument("--direction-scales", type=float, nargs="+", default=[0.25])
+    parser.add_argument("--early-stopping-steps", type=int, default=50, help="the long schedule")
+    parser.add_argument("--early-stopping-tolerances", type=float, nargs="+", default=[0.01, 0.02, 0.05],
+                        help="voxels")
+    parser.add_argument("--early-stopping-patience", type=int, default=2)
+    parser.add_argument("--num-samples", type=int, default=5)
+    parser.add_argument("--heart-margin", type=int, default=3, help="in-plane dilation of the heart, voxels")
+    parser.add_argument("--figure-patient", type=int, help="patient number of the figures (default: the first)")
+    parser.add_argument("--figure-slice", type=int, help="model-grid slice of the figures (default: most heart)")
+    parser.add_argument("--threads", type=int, default=2)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns what ``control.json`` holds."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pipe = DiffuseRegPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    dataset = ACDCDataset(args.data, split="val", spatial_dims=3, patients=args.patients,
+                          preprocessing=pipe.preprocessing)
+    sections = [section for section in SECTIONS if section in args.sections]
+    figure_name = dataset.names[0] if args.figure_patient is None else f"patient{args.figure_patient:03d}"
+    if figure_name not in dataset.names:
+        raise ValueError(f"--figure-patient: {figure_name} is not among the cases {dataset.names}")
+
+    rows: dict[str, list[dict[str, Any]]] = {section: [] for section in sections}
+    seconds: dict[str, float] = {}
+    figure_runs: dict[str, list[Run]] = {}
+    figure_case = None
+    progress = tqdm(list(product(range(len(dataset.names)), args.seeds)), desc="cases x seeds", unit="case")
+    for index, seed in progress:
+        case = Case(dataset.names[index], dataset.metadata(index)["group"], seed, dataset.preprocessed(index))
+        progress.set_postfix_str(f"{case.name} seed {seed}: none")
+        with timed(seconds, "none"):
+            none = register(pipe, case, "none", args.steps, record="early-stopping" in sections)
+        for section in sections:
+            progress.set_postfix_str(f"{case.name} seed {seed}: {section}")
+            with timed(seconds, section):
+                runs = SECTION_RUNS[section](pipe, case, none, args)
+            rows[section] += [run.row for run in runs]
+            if case.name == figure_name and seed == args.seeds[0]:
+                figure_case, figure_runs[section] = case, runs
+
+    args.output.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"settings": {**{key: str(value) if isinstance(value, Path) else value
+                                              for key, value in vars(args).items()},
+                                           "cases": dataset.names, "torch": torch.__version__,
+                                           "command": " ".join(sys.argv if argv is None else [__file__, *argv])},
+                              "seconds": seconds, "sections": {}}
+    markdown = [f"# Control benchmark: {args.model}, {len(dataset.names)} cases x {len(args.seeds)} seeds, "
+                f"{args.steps} DDIM steps\n",
+                "Mean (std) over cases and seeds; d_X is the configuration minus its reference on the same case "
+                "and seed (none, or the full schedule for early stopping); field_change in voxels.\n"]
+    for section in sections:
+        configs = list(dict.fromkeys(row["config"] for row in rows[section]))
+        summaries = {config: summarize([row for row in rows[section] if row["config"] == config],
+                                       SECTION_COLUMNS[section]) for config in configs}
+        report["sections"][section] = {"rows": rows[section], "summary": summaries}
+        markdown += [f"## {section}\n", summary_markdown(summaries, SECTION_COLUMNS[section], PRECISE_COLUMNS)]
+        if section == "uncertainty":
+            correlations = uncertainty_correlations(rows[section])
+            report["sections"][section]["correlations"] = correlations
+            markdown += ["\n", correlation_markdown(correlations, args.heart_margin)]
+        markdown.append(f"\n{seconds[section]:.0f} s in this section ({seconds['none']:.0f} s for the unguided "
+                        "runs shared by all sections)\n")
+    if figure_case is not None:
+        view = FigureSlice.around_heart(figure_case, args.figure_slice)
+        for section, runs in tqdm(figure_runs.items(), desc="figures"):
+            save_figure(FIGURES[section](view, runs, args), args.output / f"{section}.png")
+
+    report = json_ready(report)
+    text = "\n".join(markdown)
+    write_atomically(args.output / "control.json",
+                     lambda temporary: temporary.write_text(json.dumps(report, indent=2) + "\n"))
+    write_atomically(args.output / "control.md", lambda temporary: temporary.write_text(text))
+    print(text)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Evaluate registration methods on ACDC-like folders with the paper's protocol.
+
+Protocol (DiffuseReg and its peers): every patient's ED frame is the fixed image and its ES frame
+the moving one; both are preprocessed as in the paper (:class:`~diffusereg.data.PaperPreprocessing`:
+1.5 x 1.5 x 3.15 mm, 32 x 128 x 128); a method returns a displacement field on that model grid,
+the moving labels are warped with it (nearest neighbour) and compared with the fixed labels there.
+A 2D model registers the volume slice by slice, so its Dice is a 3D Dice over the stacked slices.
+
+A method is any :data:`Registrar`: ``registrar(fixed, moving) -> RegistrationResult`` on model-grid
+volumes. :func:`evaluate` runs one over a dataset and returns one row per case (the columns of
+:data:`CASE_COLUMNS`); :func:`score_case` scores one result the same way, for methods that need
+more than the two images (e.g. guidance built from the case's labels); :func:`summarize` averages
+rows and :func:`write_evaluation` writes the per-case CSV and the summary (JSON and Markdown),
+atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from diffusereg.data import ACDCDataset, PreprocessedPair
+from diffusereg.io import write_atomically
+from diffusereg.metrics import acdc_case_metrics
+from diffusereg.spatial import warp
+
+__all__ = [
+    "CASE_COLUMNS",
+    "RegistrationResult",
+    "Registrar",
+    "evaluate",
+    "identity_registrar",
+    "pipeline_registrar",
+    "score_case",
+    "summarize",
+    "summary_markdown",
+    "teacher_registrar",
+    "warp_labels",
+    "write_evaluation",
+]
+
+STRUCTURES = ("LV", "Myo", "LVepi", "RV", "Heart", "Overall")
+CASE_COLUMNS = ("case", "group", *STRUCTURES, "NJD_percent", "JSD", "HD95", "seconds", "steps_run")
+"""Columns of a per-case row: Dice in percent, NJD %, JSD, HD95 (mm, mean over LV, Myo and RV),
+seconds of the registration call alone (no reading or preprocessing) and sampling steps run."""
+
+SUMMARY_COLUMNS = (*STRUCTURES, "NJD_percent", "JSD", "HD95", "seconds", "steps_run")
+
+
+@dataclass(frozen=True)
+class RegistrationResult:
+    """What a method returns for one pair.
+
+    Attributes:
+        field: displacement ``(ndim, *S)`` in voxels of the model grid, channel ``i`` along axis ``i``.
+        steps_run: sampling steps that ran (diffusion), or None for one-shot methods.
+        uncertainty: per-voxel standard deviation of the field over samples ``(ndim, *S)``, voxels,
+            when the method draws several samples (``num_samples > 1``), else None.
+    """
+
+    field: np.ndarray
+    steps_run: int | None = None
+    uncertainty: np.ndarray | None = None
+
+
+Registrar = Callable[[np.ndarray, np.ndarray], RegistrationResult]
+"""``registrar(fixed, moving)``: images ``(*S)`` on the model grid in ``[0, 1]`` -> result."""
+
+
+def identity_registrar(fixed: np.ndarray, moving: np.ndarray) -> RegistrationResult:
+    """No registration: a zero field (the "Initial" row of the paper's table)."""
+    return RegistrationResult(np.zeros((fixed.ndim, *fixed.shape), dtype=np.float32))
+
+
+def pipeline_registrar(pipe: Any, num_inference_steps: int, seed: int = 0, **call_kwargs: Any) -> Registrar:
+    """A :class:`~diffusereg.pipelines.DiffuseRegPipeline` as a method.
+
+    Every pair is sampled with a fresh ``torch.Generator`` seeded with ``seed``, so results do not
+    depend on the order of the cases. ``call_kwargs`` go to the pipeline call (``scheduler``,
+    ``guidance``, ``callback_on_step_end``, ``num_samples``, ...).
+    """
+
+    def register(fixed: np.ndarray, moving: np.ndarray) -> RegistrationResult:
+        out = pipe(fixed, moving, num_inference_steps=num_inference_steps, output_type="np",
+                   generator=torch.Generator().manual_seed(seed), **call_kwargs)
+        return RegistrationResult(out.field, out.num_steps_run, out.uncertainty)
+
+    return register
+
+
+def teacher_registrar(model: torch.nn.Module) -> Registrar:
+    """A one-shot :class:`~diffusereg.models.RegistrationNet` as a method.
+
+    A 2D network registers a volume ``(D, H, W)`` slice by slice in one batch (zero displacement
+    along ``D``), like a 2D diffusion model; a 3D network takes the volume whole.
+    """
+    parameter = next(model.parameters())
+
+    @torch.no_grad()
+    def register(fixed: np.ndarray, moving: np.ndarray) -> RegistrationResult:
+        images = [torch.as_tensor(x, dtype=parameter.dtype, device=parameter.device) for x in (fixed, moving)]
+        if model.config.spatial_dims == fixed.ndim:
+            field = model(images[0][None, None], images[1][None, None])[0]
+        elif model.config.spatial_dims == 2 and fixed.ndim == 3:
+            in_plane = model(images[0][:, None], images[1][:, None])  # (D, 2, H, W)
+            field = torch.cat([torch.zeros_like(in_plane[:, :1]), in_plane], dim=1).transpose(0, 1)
+        else:
+            raise ValueError(f"a {model.config.spatial_dims}D network cannot register {fixed.ndim}D images")
+        return RegistrationResult(field.float().cpu().numpy())
+
+    return register
+
+
+def _case_row(case: str, group: str, warped_labels: np.ndarray, fixed_labels: np.ndarray, result: RegistrationResult,
+              axis_spacing: Sequence[float], seconds: float) -> dict[str, Any]:
+    """One row of :data:`CASE_COLUMNS` (Dice in percent)."""
+    metrics = acdc_case_metrics(warped_labels, fixed_labels, result.field, axis_spacing=axis_spacing)
+    row: dict[str, Any] = {"case": case, "group": group}
+    row.update({name: 100.0 * metrics[f"Dice_{name}"] for name in STRUCTURES})
+    row["NJD_percent"], row["JSD"] = metrics["NJD_percent"], metrics["JSD"]
+    row["HD95"] = float(np.nanmean([metrics[f"HD95_{name}"] for name in ("LV", "Myo", "RV")]))
+    row["seconds"] = seconds
+    row["steps_run"] = result.steps_run
+    return row
+
+
+def evaluate(dataset: ACDCDataset, registrar: Registrar, description: str = "cases",
+             progress: bool = True) -> list[dict[str, Any]]:
+    """Run ``registrar`` on every case of ``dataset`` and score it (see the module docstring).
+
+    Args:
+        dataset: a 3D :class:`~diffusereg.data.ACDCDataset` (volumes with labels).
+        registrar: the method.
+        description: label of the progress bar.
+        progress: show a progress bar.
+
+    Returns:
+        One dict per case with the keys of :data:`CASE_COLUMNS`.
+    """
+    if dataset.spatial_dims != 3:
+        raise ValueError("evaluate() scores whole volumes: build the dataset with spatial_dims=3")
+    rows = []
+    for index in tqdm(range(len(dataset.names)), desc=description, unit="case", disable=not progress):
+        pair = dataset.preprocessed(index)
+        started = time.perf_counter()
+        result = registrar(pair.fixed, pair.moving)
+        seconds = time.perf_counter() - started
+        rows.append(score_case(pair, result, dataset.names[index], dataset.metadata(index)["group"], seconds))
+    return rows
+
+
+def warp_labels(labels: np.ndarray, field: np.ndarray) -> np.ndarray:
+    """Integer labels ``(*S)`` pulled through ``field`` ``(ndim, *S)`` (voxels), nearest neighbour: int64 ``(*S)``."""
+    moving = torch.from_numpy(np.asarray(labels).astype(np.int64))[None, None]
+    return warp(moving, torch.from_numpy(np.asarray(field, dtype=np.float32))[None], mode="nearest")[0, 0].numpy()
+
+
+def score_case(pair: PreprocessedPair, result: RegistrationResult, case: str, group: str,
+               seconds: float) -> dict[str, Any]:
+    """Score one registered pair as in :func:`evaluate`: warp its moving labels with ``result.field``
+    (nearest neighbour) and compare them with its fixed labels on the model grid.
+
+    Args:
+        pair: the preprocessed pair (both label maps needed).
+        result: what a method returned for ``pair.fixed`` and ``pair.moving``.
+        case, group: the case's name and group, copied into the row.
+        seconds: duration of the registration call.
+
+    Returns:
+        One row with the keys of :data:`CASE_COLUMNS`.
+    """
+    if pair.fixed_labels is None or pair.moving_labels is None:
+        raise ValueError(f"case {case} has no label maps; Dice needs both")
+    expected = (pair.fixed.ndim, *pair.fixed.shape)
+    if result.field.shape != expected:
+        raise ValueError(f"case {case}: the method returned a field of shape {result.field.shape}, expected {expected}")
+    return _case_row(case, group, warp_labels(pair.moving_labels, result.field), pair.fixed_labels, result,
+                     pair.grid.model.axis_spacing, seconds)
+
+
+def summarize(rows: Sequence[dict[str, Any]], columns: Sequence[str] = SUMMARY_COLUMNS) -> dict[str, dict[str, float]]:
+    """Mean and (sample) standard deviation of each of ``columns`` over ``rows``; missing values and NaNs skipped."""
+    summary: dict[str, dict[str, float]] = {}
+    for column in columns:
+        values = np.array([row[column] for row in rows if row.get(column) is not None], dtype=np.float64)
+        values = values[np.isfinite(values)]
+        if values.size:
+            std = float(values.std(ddof=1)) if values.size > 1 else 0.0
+            summary[column] = {"mean": float(values.mean()), "std": std, "n": int(values.size)}
+    return summary
+
+
+def summary_markdown(summaries: dict[str, dict[str, dict[str, float]]], columns: Sequence[str] = SUMMARY_COLUMNS,
+                     precise: Sequence[str] = ("NJD_percent", "JSD")) -> str:
+    """A Markdown table with one row per method: mean (std) of each of ``columns`` (by default Dice,
+    NJD %, JSD, HD95 and time), with 3 decimals for the ``precise`` columns and 2 for the others."""
+    header = "| method | " + " | ".join(columns) + " |"
+    lines = [header, "|---|" + "---:|" * len(columns)]
+    for method, summary in summaries.items():
+        cells = []
+        for column in columns:
+            stats = summary.get(column)
+            if stats is None:
+                cells.append("")
+            else:
+                digits = 3 if column in precise else 2
+                cells.append(f"{stats['mean']:.{digits}f} ({stats['std']:.{digits}f})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    stream = io.StringIO()
+    writer = csv.DictWriter(stream, list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: (f"{value:.6g}" if isinstance(value, float) and math.isfinite(value) else value)
+                         for key, value in row.items()})
+    return stream.getvalue()
+
+
+def write_evaluation(output_dir: str | Path, rows_by_method: dict[str, Sequence[dict[str, Any]]],
+                     settings: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """Write ``cases.csv`` (one row per method and case), ``summary.json`` and ``summary.md``.
+
+    Args:
+        output_dir: folder for the three files (created if needed).
+        rows_by_method: per-case rows of each method, as returned by :func:`evaluate`.
+        settings: what produced them (data folder, split, model, steps, ...), stored in the JSON.
+
+    Returns:
+        The summaries, per method.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    summaries = {method: summarize(rows) for method, rows in rows_by_method.items()}
+    flat = [{"method": method, **row} for method, rows in rows_by_method.items() for row in rows]
+    text = {
+        "cases.csv": _csv_text(flat, ("method", *CASE_COLUMNS)),
+        "summary.json": json.dumps({"settings": settings, "summary": summaries}, indent=2) + "\n",
+        "summary.md": summary_markdown(summaries),
+    }
+    for name, content in text.items():
+        write_atomically(output_dir / name, lambda temporary, content=content: temporary.write_text(content))
+    return summaries

@@ -1,0 +1,98 @@
+"""benchmarks/control.py: every section runs on one ACDC case, and its EarlyStopping replay is exact."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+from diffusereg.callbacks import EarlyStopping, TrajectoryRecorder
+from diffusereg.models import DiffuseRegDenoiser
+from diffusereg.pipelines import DiffuseRegPipeline, default_scheduler
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "control.py"
+
+
+@pytest.fixture(scope="module")
+def control() -> ModuleType:
+    """The benchmark script as a module (registered in sys.modules, as its dataclasses need)."""
+    spec = importlib.util.spec_from_file_location("benchmarks_control", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_pipeline(model_size: tuple[int, ...]) -> DiffuseRegPipeline:
+    """A random 2D pipeline whose noise prediction is not zero (the output convolution starts at zero)."""
+    torch.manual_seed(0)
+    denoiser = DiffuseRegDenoiser(spatial_dims=2, feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
+                                  field_mean=[0.0, 0.0], field_std=[0.5, 0.5]).eval()
+    torch.nn.init.normal_(denoiser.decoder.out.weight, std=0.05)
+    pipe = DiffuseRegPipeline(denoiser=denoiser, scheduler=default_scheduler("ddim"), model_size=model_size)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_replayed_early_stopping_returns_what_a_stopped_run_returns(control: ModuleType) -> None:
+    pipe = tiny_pipeline((32, 64, 64))
+    fixed, moving = torch.rand(2, 64, 64, generator=torch.Generator().manual_seed(1))
+    steps = 10
+    recorder = TrajectoryRecorder()
+    pipe(fixed, moving, num_inference_steps=steps, callback_on_step_end=recorder,
+         generator=torch.Generator().manual_seed(0))
+    changes = [float((b - a).abs().mean()) for a, b in zip(recorder.fields, recorder.fields[1:])]
+    tolerance = float(np.median(changes))
+
+    stop = control.replay_early_stopping(EarlyStopping(tolerance), recorder.fields)
+    live = pipe(fixed, moving, num_inference_steps=steps, callback_on_step_end=EarlyStopping(tolerance),
+                generator=torch.Generator().manual_seed(0))
+    assert stop is not None and live.num_steps_run == stop + 1 < steps
+    torch.testing.assert_close(live.field, recorder.fields[stop][0], rtol=0, atol=0)
+
+
+@pytest.mark.acdc
+def test_every_section_runs_on_one_case_and_writes_finite_numbers(control: ModuleType, acdc_root: Path,
+                                                                  tmp_path: Path) -> None:
+    tiny_pipeline((8, 64, 64)).save_pretrained(tmp_path / "model")
+    output = tmp_path / "out"
+    report = control.main(["--data", str(acdc_root), "--patients", "10", "--model", str(tmp_path / "model"),
+                           "--output", str(output), "--steps", "2", "--smoothness-scales", "0.05",
+                           "--organ-scales", "1", "--early-stopping-steps", "4",
+                           "--early-stopping-tolerances", "0.01", "1000", "--num-samples", "3", "--threads", "1"])
+
+    assert json.loads((output / "control.json").read_text()) == report
+    markdown = (output / "control.md").read_text()
+    for section in control.SECTIONS:
+        assert f"## {section}" in markdown
+        assert (output / f"{section}.png").stat().st_size > 0
+        for row in report["sections"][section]["rows"]:
+            assert 0 <= row["Overall"] <= 100 and 0 <= row["NJD_percent"] <= 100
+            for column in set(control.SECTION_COLUMNS[section]) & set(row):
+                assert row[column] is not None and math.isfinite(row[column]), (section, row["config"], column)
+
+    rows = {row["config"]: row for row in report["sections"]["organ"]["rows"]}
+    assert set(rows) == {"none", "LV: fixed mask, scale 1", "Myo: fixed mask, scale 1", "RV: fixed mask, scale 1",
+                         "LV: fixed+moving masks, scale 0.5"}
+    assert rows["LV: fixed mask, scale 1"]["d_target"] == pytest.approx(rows["LV: fixed mask, scale 1"]["LV"]
+                                                                         - rows["none"]["LV"])
+
+    guided = report["sections"]["direction"]["rows"][1]
+    assert 0 <= guided["angle_error_deg"] <= 180 and guided["magnitude_error"] >= -1 and guided["residual_voxels"] >= 0
+
+    stopping = {row["config"]: row for row in report["sections"]["early-stopping"]["rows"]}
+    assert stopping["4 steps, EarlyStopping(1000)"]["steps_run"] == 3  # patience 2: stops after the 3rd step
+    assert stopping["4 steps, EarlyStopping(1000)"]["steps_saved_percent"] == 25.0
+    assert stopping["2 steps, full"]["steps_run"] == 2
+
+    sampled = report["sections"]["uncertainty"]["rows"][1]
+    assert all(sampled[f"uncertainty_{s}"] > 0 for s in ("LV", "Myo", "RV")) and -1 <= sampled["voxel_r"] <= 1
+    pooled = report["sections"]["uncertainty"]["correlations"]["structure_spearman_pooled"]
+    assert pooled["n"] == 3 and (pooled["rho"] is None or -1 <= pooled["rho"] <= 1)
