@@ -89,7 +89,7 @@ def test_failing_write_leaves_no_partial_or_temp_file(tmp_path: Path, monkeypatc
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(sitk, "WriteImage", broken_writer)
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(OSError, match=r"image\.nii\.gz: cannot be written \(disk full\)"):
         write_image(make_image((3, 4, 5)), tmp_path / "image.nii.gz")
     assert list(tmp_path.iterdir()) == []
 

@@ -361,3 +361,20 @@ def test_teacher_to_drops_cached_grids() -> None:
     net.to(torch.float64)
     assert all(w.ref_grid is None for w in warps)
     assert net(fixed.double(), moving.double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_every_prediction_type_gives_back_the_clean_field_and_the_noise(prediction_type: str) -> None:
+    from diffusereg.models import clean_and_noise
+
+    gen = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 2, 2, 8, 8, generator=gen)
+    alpha_bar = torch.tensor([0.9, 0.01]).reshape(2, 1, 1, 1)
+    noisy = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
+    prediction = {"epsilon": eps, "sample": x0,
+                  "v_prediction": alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0}[prediction_type]
+    clean, noise = clean_and_noise(prediction, noisy, alpha_bar, prediction_type)
+    torch.testing.assert_close(clean, x0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(noise, eps, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="prediction_type"):
+        DiffuseRegDenoiser(spatial_dims=2, feature_size=12, prediction_type="x0")

@@ -159,6 +159,21 @@ def test_trajectory_has_one_entry_per_step(pipe2d, pair):
     assert torch.allclose(out.trajectory["fields"][-1, 0], out.field)
 
 
+def test_clip_range_bounds_every_reported_estimate(pair):
+    """With ``clip_range`` the z-scored x0 the pipeline reports (and the scheduler uses) stays in range."""
+    fixed, moving = pair
+    denoiser = tiny_denoiser(2)
+    outputs = {}
+    for clip in (None, 1.5):
+        pipe = DiffuseRegPipeline(denoiser=denoiser, scheduler=default_scheduler("ddim", clip_range=clip))
+        pipe.set_progress_bar_config(disable=True)
+        outputs[clip] = pipe(fixed, moving, num_inference_steps=4, return_trajectory=True, generator=seed())
+    z_scored = outputs[1.5].trajectory["fields"] / 0.02  # field_mean 0, field_std 0.02
+    assert z_scored.abs().max() <= 1.5 + 1e-4
+    assert outputs[None].trajectory["fields"].abs().max() / 0.02 > 1.5  # the bound is active here
+    assert not torch.allclose(outputs[None].field, outputs[1.5].field)
+
+
 def _guided(pipe, pair, guide, steps=4):
     fixed, moving = pair
     plain = pipe(fixed, moving, num_inference_steps=steps, generator=seed()).field
@@ -317,3 +332,18 @@ def test_images_with_geometry_come_back_on_the_fixed_grid(tmp_path):
     assert set(out.warped_labels.unique().tolist()) <= {0, 1}
     assert out.grid.same_as(fixed.grid)
     assert torch.count_nonzero(out.field[0]) == 0  # 2D model: nothing moves across slices
+
+
+def test_a_denoiser_predicting_the_clean_field_is_read_as_such(pair):
+    """``prediction_type="sample"``: an untrained denoiser outputs 0 (its last layer starts at zero), i.e.
+    a clean z-scored field of 0, so every estimate is the training mean; read as noise it would not be."""
+    fixed, moving = pair
+    torch.manual_seed(0)
+    denoiser = DiffuseRegDenoiser(spatial_dims=2, feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
+                                  field_mean=[0.5, -0.25], field_std=[2.0, 2.0], prediction_type="sample").eval()
+    pipe = DiffuseRegPipeline(denoiser=denoiser, scheduler=default_scheduler("ddim"))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(fixed, moving, num_inference_steps=3, return_trajectory=True, generator=seed())
+    expected = torch.tensor([0.5, -0.25]).reshape(2, 1, 1).expand(2, SIZE, SIZE)
+    assert torch.equal(out.field, expected)
+    assert torch.equal(out.trajectory["fields"][0, 0], expected)

@@ -41,6 +41,7 @@ from diffusereg.training import (
 )
 from diffusereg.training.cli import apply_overrides, register
 from diffusereg.training.config import AugmentConfig, config_to_dict
+from diffusereg.training.trainer import cosine_schedule, stretch_cosine
 from diffusereg.training.data import augment_batch, build_augmentation, build_dataset, pair_ids
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,19 +206,23 @@ def test_objectives_decrease_on_a_fixed_batch(acdc_root: Path) -> None:
         assert sum(losses[-2:]) < sum(losses[:2]), losses
 
 
-def test_diffusion_loss_denormalises_phi0_hat() -> None:
-    """Given the true noise, phi0_hat is phi0 in voxels again (the z-scoring is undone)."""
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
+def test_diffusion_loss_denormalises_phi0_hat(prediction_type: str) -> None:
+    """Given the true noise (or clean field), phi0_hat is phi0 in voxels again (the z-scoring is undone)."""
     phi0 = torch.randn(1, 2, 32, 32) * 2 + 1
+    mean, std = torch.tensor([1.0, -0.5]).reshape(1, 2, 1, 1), torch.tensor([2.0, 0.5]).reshape(1, 2, 1, 1)
     noise = torch.randn(phi0.shape, generator=torch.Generator().manual_seed(3))  # what diffusion_loss draws
+    target = noise if prediction_type == "epsilon" else (phi0 - mean) / std
 
     class Oracle(torch.nn.Module):
         def forward(self, sample: torch.Tensor, timestep: torch.Tensor, fixed: torch.Tensor,
                     moving: torch.Tensor) -> DenoiserOutput:
-            return DenoiserOutput(sample=noise)
+            return DenoiserOutput(sample=target)
 
     images = torch.rand(1, 1, 32, 32)
     out = diffusion_loss(Oracle(), default_scheduler("ddpm"), images, images, phi0, [1.0, -0.5], [2.0, 0.5],
-                         generator=torch.Generator().manual_seed(3), timesteps=torch.tensor([1500]))
+                         generator=torch.Generator().manual_seed(3), timesteps=torch.tensor([1500]),
+                         prediction_type=prediction_type)
     assert out.noise.item() == 0.0
     torch.testing.assert_close(out.phi0_hat, phi0, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(out.smoothness, torch.stack([phi0.diff(dim=d).square().mean() for d in (2, 3)]).mean())
@@ -327,3 +332,33 @@ def test_augmentation_is_seeded_and_keeps_labels_integer() -> None:
     assert torch.equal(first["fixed"], again["fixed"]) and not torch.equal(first["fixed"], batch["fixed"])
     assert torch.equal(first["fixed_labels"], first["moving_labels"])  # one transform for the whole pair
     assert set(first["fixed_labels"].unique().tolist()) <= {0, 3}
+
+
+def test_resumed_schedule_with_more_steps_ends_at_the_new_length() -> None:
+    """A resume with a larger ``max_steps`` continues the cosine from the saved learning rate
+    (no jump) and reaches ``min_lr`` at the new end, not at the length it was saved with."""
+    optim = OptimConfig(lr=1e-3, min_lr=1e-6, warmup_steps=10)
+
+    def schedule_of(max_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=optim.lr)
+        return optimizer, cosine_schedule(optimizer, optim, max_steps)
+
+    optimizer, schedule = schedule_of(100)
+    for _ in range(50):
+        optimizer.step()
+        schedule.step()
+    saved_lr, state = schedule.get_last_lr()[0], schedule.state_dict()
+
+    optimizer, schedule = schedule_of(200)
+    schedule.load_state_dict(state)
+    optimizer.param_groups[0]["lr"] = saved_lr  # what loading the optimizer state restores
+    stretch_cosine(schedule, optim, 200)
+    lrs = []
+    for _ in range(150):
+        optimizer.step()
+        schedule.step()
+        lrs.append(schedule.get_last_lr()[0])
+    assert abs(lrs[0] - saved_lr) < 0.05 * saved_lr
+    assert lrs[49] > 10 * optim.min_lr  # step 100: the saved length would have ended here
+    assert lrs[-1] == pytest.approx(optim.min_lr, rel=1e-3)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))

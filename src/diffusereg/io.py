@@ -366,6 +366,10 @@ def write_atomically(path: Path, write: Callable[[Path], None], overwrite: bool 
     The temporary folder lives beside ``path`` (same file system, so the move is atomic) and is
     removed whatever happens. Companion files written alongside (e.g. the ``.raw`` of an ``.mhd``)
     are moved first and the named file last, so a reader never sees a header without its data.
+
+    Raises:
+        OSError: naming ``path``, when the writer fails (SimpleITK reports a full disk or a refused
+            write as a multi-line ``RuntimeError``; it becomes one line here).
     """
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path}: the folder {path.parent} does not exist")
@@ -373,7 +377,11 @@ def write_atomically(path: Path, write: Callable[[Path], None], overwrite: bool 
         raise FileExistsError(f"{path}: file exists and overwrite=False")
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        write(tmp_dir / path.name)
+        try:
+            write(tmp_dir / path.name)
+        except RuntimeError as error:
+            reason = str(error).strip().splitlines()[-1].strip() if str(error).strip() else type(error).__name__
+            raise OSError(f"{path}: cannot be written ({reason})") from error
         for written in sorted(tmp_dir.iterdir(), key=lambda p: p.name == path.name):
             os.replace(written, path.parent / written.name)
     finally:

@@ -78,3 +78,24 @@ def test_failed_write_leaves_no_output(case: PairFiles, tiny_model: Path, tmp_pa
     with pytest.raises(OSError, match="No space left on device"):
         register_pair(load_pipeline(str(tiny_model)), case.fixed, case.moving, output, RegistrationSettings(steps=1))
     assert every_file(output) == []
+
+
+def test_itk_write_error_is_one_line_naming_the_file(case: PairFiles, tiny_model: Path, tmp_path: Path, cli,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """SimpleITK reports a failed write (e.g. a full disk) as a multi-line RuntimeError: the command
+    ends with exit code 2, one line naming the file, and no outputs."""
+    real = sitk.WriteImage
+
+    def itk_failure(image: sitk.Image, path: str, *args: object) -> None:
+        if Path(path).name == "warped.nii.gz":
+            raise RuntimeError("Exception thrown in SimpleITK ImageFileWriter_Execute:\n"
+                               "itk::ERROR: NiftiImageIO: Could not write all the data")
+        real(image, path, *args)
+
+    monkeypatch.setattr(sitk, "WriteImage", itk_failure)
+    output = tmp_path / "out"
+    code, error = cli(*labelled_argv(case, output, tiny_model))
+    message = error.strip().splitlines()[-1]
+    assert code == 2
+    assert "warped.nii.gz: cannot be written (itk::ERROR: NiftiImageIO: Could not write all the data)" in message
+    assert not output.exists() or every_file(output) == []

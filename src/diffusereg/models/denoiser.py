@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from diffusereg.models.decoder import SwinUNETRDecoder
 from diffusereg.models.fusion_attention import CONDITION_MASKS
 from diffusereg.models.interface import (
+    PREDICTION_TYPES,
     DenoiserCondition,
     DenoiserOutput,
     check_denoiser_inputs,
@@ -65,6 +66,9 @@ class DiffuseRegDenoiser(ModelMixin, ConfigMixin):
         norm_num_groups: GroupNorm groups in the decoder (must divide ``feature_size``).
         field_mean, field_std: per-axis statistics (voxels) that the pipeline uses to z-score
             fields; None = zeros / ones. Stored only, never used by the network.
+        prediction_type: what the output means: ``"epsilon"`` (the noise, as in the paper),
+            ``"sample"`` (the clean z-scored field) or ``"v_prediction"``; see
+            :func:`~diffusereg.models.interface.clean_and_noise`. Stored only: the network is the same.
 
     Inputs of every spatial size that is a multiple of 32 are accepted.
 
@@ -91,12 +95,15 @@ class DiffuseRegDenoiser(ModelMixin, ConfigMixin):
         norm_num_groups: int = 4,
         field_mean: Sequence[float] | None = None,
         field_std: Sequence[float] | None = None,
+        prediction_type: str = "epsilon",
     ) -> None:
         super().__init__()
         if spatial_dims not in DEFAULTS:
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         if condition_mask not in CONDITION_MASKS:
             raise ValueError(f"condition_mask must be one of {CONDITION_MASKS}, got {condition_mask!r}")
         defaults = DEFAULTS[spatial_dims]
@@ -182,7 +189,7 @@ class DiffuseRegDenoiser(ModelMixin, ConfigMixin):
         condition: DenoiserCondition | None = None,
         return_dict: bool = True,
     ) -> DenoiserOutput | tuple[Tensor]:
-        """Predict the noise in ``sample``.
+        """Predict the noise in ``sample`` (or, per ``prediction_type``, the clean field or the velocity).
 
         Args:
             sample: noisy z-scored field ``(B, ndim, *S)``.
@@ -192,7 +199,7 @@ class DiffuseRegDenoiser(ModelMixin, ConfigMixin):
             return_dict: return :class:`DenoiserOutput` (True) or a 1-tuple.
 
         Returns:
-            Predicted noise ``(B, ndim, *S)`` as ``DenoiserOutput.sample`` or ``(noise,)``.
+            The prediction ``(B, ndim, *S)`` as ``DenoiserOutput.sample`` or a 1-tuple.
         """
         condition = resolve_condition(condition, fixed, moving, self.encode_condition)
         timestep, condition = check_denoiser_inputs(sample, timestep, condition)

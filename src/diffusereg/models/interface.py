@@ -1,9 +1,12 @@
 """What every denoiser takes and returns, and the one place where its inputs are checked.
 
-A denoiser predicts the noise in a z-scored displacement field ``sample`` of shape
-``(B, ndim, *S)`` given the fixed and moving images ``(B, 1, *S)`` (intensities in ``[0, 1]``)
-and the diffusion timestep. Image-only work is split off into ``encode_condition`` so that a
-sampling loop runs it once per registration, not once per step.
+A denoiser sees a noisy z-scored displacement field ``sample`` of shape ``(B, ndim, *S)``, the
+fixed and moving images ``(B, 1, *S)`` (intensities in ``[0, 1]``) and the diffusion timestep,
+and predicts, as its config's ``prediction_type`` says (:data:`PREDICTION_TYPES`), the noise in
+``sample`` (``"epsilon"``, the paper's choice), the clean field itself (``"sample"``) or the
+velocity ``v = sqrt(a) eps - sqrt(1 - a) x0`` (``"v_prediction"``); :func:`clean_and_noise`
+turns any of them into the clean-field and noise estimates. Image-only work is split off into
+``encode_condition`` so that a sampling loop runs it once per registration, not once per step.
 """
 
 from __future__ import annotations
@@ -20,15 +23,42 @@ from torch import Tensor
 BlockFeatures = tuple[tuple[tuple[Tensor, ...], ...], ...]
 
 
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+"""What a denoiser's output means: the noise, the clean (z-scored) field, or the velocity."""
+
+
 @dataclass
 class DenoiserOutput(BaseOutput):
     """Output of a denoiser.
 
     Attributes:
-        sample: predicted noise, ``(B, ndim, *S)``, same shape as the input field.
+        sample: the prediction (see the model's ``prediction_type``), ``(B, ndim, *S)``, same
+            shape as the input field.
     """
 
     sample: Tensor
+
+
+def clean_and_noise(prediction: Tensor, noisy: Tensor, alpha_bar: Tensor, prediction_type: str) -> tuple[Tensor, Tensor]:
+    """Clean-field and noise estimates from a denoiser's output, ``noisy = sqrt(a) x0 + sqrt(1 - a) eps``.
+
+    Args:
+        prediction: the denoiser's output ``(B, ndim, *S)``.
+        noisy: the field it was given, same shape (z-scored).
+        alpha_bar: ``a``, the cumulative signal fraction at the timestep, broadcastable to the field.
+        prediction_type: one of :data:`PREDICTION_TYPES`.
+
+    Returns:
+        ``(x0, eps)``, both z-scored like ``noisy``.
+    """
+    signal, spread = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    if prediction_type == "epsilon":
+        return (noisy - spread * prediction) / signal, prediction
+    if prediction_type == "sample":
+        return prediction, (noisy - signal * prediction) / spread
+    if prediction_type == "v_prediction":
+        return signal * noisy - spread * prediction, spread * noisy + signal * prediction
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from diffusereg.data.preprocessing import PaperPreprocessing, resample_to_grid
 from diffusereg.guidance import Guide, GuidanceFunction, as_guide
 from diffusereg.hub import resolve_model
 from diffusereg.io import Grid, Image, read_image, validate_image, write_atomically
-from diffusereg.models import DiffuseRegDenoiser
+from diffusereg.models import DiffuseRegDenoiser, clean_and_noise
 from diffusereg.spatial import warp
 from diffusereg.validation import WeightsError, check_pair, check_sources, check_weights, source_name
 
@@ -30,14 +30,19 @@ __all__ = ["DiffuseRegPipeline", "DiffuseRegPipelineOutput", "default_scheduler"
 CALLBACK_TENSOR_INPUTS = ("field_t", "x0", "warped")
 
 
-def default_scheduler(kind: str = "ddim") -> DDIMScheduler | DDPMScheduler:
+def default_scheduler(kind: str = "ddim", clip_range: float | None = None) -> DDIMScheduler | DDPMScheduler:
     """The paper's noise schedule: linear betas 1e-6 .. 1e-2 over 2000 steps, epsilon prediction.
 
-    ``kind`` is ``"ddim"`` (deterministic, "trailing" spacing so few steps start from pure noise)
-    or ``"ddpm"`` (ancestral sampling). Samples are never clipped: fields are z-scored, not in [-1, 1].
+    Args:
+        kind: ``"ddim"`` (deterministic, "trailing" spacing so few steps start from pure noise)
+            or ``"ddpm"`` (ancestral sampling).
+        clip_range: None keeps every clean-field estimate as predicted; a number ``r`` clips the
+            z-scored estimate to ``[-r, r]`` at every step (the schedulers' ``clip_sample``), which
+            stops the large errors of the first, pure-noise steps from propagating.
     """
+    clip = {"clip_sample": False} if clip_range is None else {"clip_sample": True, "clip_sample_range": clip_range}
     common = dict(num_train_timesteps=2000, beta_start=1e-6, beta_end=1e-2, beta_schedule="linear",
-                  prediction_type="epsilon", clip_sample=False, timestep_spacing="trailing")
+                  prediction_type="epsilon", timestep_spacing="trailing", **clip)
     if kind == "ddim":
         return DDIMScheduler(**common, set_alpha_to_one=True)
     if kind == "ddpm":
@@ -445,11 +450,17 @@ class DiffuseRegPipeline(DiffusionPipeline):
 
         # 3. initial noise
         sampler = self._scheduler_for(scheduler)
+        if sampler.config.prediction_type != "epsilon":
+            raise ValueError(f"the scheduler must take the noise (prediction_type='epsilon'), got "
+                             f"{sampler.config.prediction_type!r}; what the denoiser predicts is its own config's "
+                             "prediction_type")
         sampler.set_timesteps(num_inference_steps, device=device)
         ndim = self.spatial_dims
         field_t = randn_tensor((fixed_n.shape[0], ndim, *fixed_n.shape[2:]), generator=generator, device=device,
                                dtype=fixed_n.dtype) * sampler.init_noise_sigma
         mean, std = self._field_statistics(ndim, device)
+        clip_range = float(sampler.config.clip_sample_range) if sampler.config.get("clip_sample", False) else None
+        prediction_type = self.denoiser.config.get("prediction_type", "epsilon")  # the scheduler always gets the noise
         step_kwargs: dict[str, Any] = {"generator": generator}
         if "eta" in inspect.signature(sampler.step).parameters:
             step_kwargs["eta"] = eta
@@ -462,12 +473,15 @@ class DiffuseRegPipeline(DiffusionPipeline):
         for i, t in enumerate(self.progress_bar(timesteps)):
             alpha_bar = sampler.alphas_cumprod[int(t)].to(device)
             model_input = sampler.scale_model_input(field_t, t)
-            noise = self.denoiser(model_input, t.expand(field_t.shape[0]).to(device), condition=condition).sample
-            x0_z = (field_t - (1 - alpha_bar).sqrt() * noise) / alpha_bar.sqrt()
+            prediction = self.denoiser(model_input, t.expand(field_t.shape[0]).to(device), condition=condition).sample
+            x0_z, noise = clean_and_noise(prediction, field_t, alpha_bar, prediction_type)
+            if clip_range is not None:  # the scheduler's own x0 clipping, so the reported x0 is the one it uses
+                x0_z = x0_z.clamp(-clip_range, clip_range)
             x0 = x0_z * std + mean
             active = [g for g in guides if g.is_active(i, len(timesteps))]
             if active:
                 x0 = self._apply_guidance(x0, active, fixed_n, moving_n)
+            if active or clip_range is not None:
                 noise = (field_t - alpha_bar.sqrt() * (x0 - mean) / std) / (1 - alpha_bar).sqrt()
             field_t = sampler.step(noise, t, field_t, **step_kwargs).prev_sample
             steps_run = i + 1

@@ -72,7 +72,7 @@ class DiffusionStage(Stage):
             model, self.scheduler, batch["fixed"], batch["moving"], phi0,
             self.statistics.mean, self.statistics.std, generator=generator,
             similarity_weight=loss.similarity_weight, smoothness_weight=loss.smoothness_weight,
-            ssim_window=loss.ssim_window,
+            ssim_window=loss.ssim_window, prediction_type=self.config.model.get("prediction_type", "epsilon"),
         ).parts()
 
     def predict_field(self, model: nn.Module, fixed: Tensor, moving: Tensor, generator: torch.Generator) -> Tensor:

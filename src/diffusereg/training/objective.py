@@ -20,6 +20,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor, nn
 
 from diffusereg.losses import dice_loss, gradient_loss, ncc_loss, ssim_loss
+from diffusereg.models import clean_and_noise
 from diffusereg.spatial import warp
 
 __all__ = ["DiffusionLoss", "RegistrationLoss", "diffusion_loss", "registration_loss", "zscore_statistics"]
@@ -31,7 +32,8 @@ class DiffusionLoss:
 
     Attributes:
         total: ``noise + similarity_weight * similarity + smoothness_weight * smoothness``.
-        noise: ``MSE(eps_hat, eps)`` on the z-scored field.
+        noise: ``MSE(eps_hat, eps)`` on the z-scored field (the MSE of the prediction against its
+            target for denoisers that predict the clean field or the velocity).
         similarity: ``1 - SSIM(fixed, warp(moving, phi0_hat))``.
         smoothness: mean squared forward difference of ``phi0_hat`` (voxels^2).
         phi0_hat: the predicted clean field ``(B, ndim, *S)`` in voxels (for inspection).
@@ -83,16 +85,19 @@ def diffusion_loss(
     smoothness_weight: float = 0.1,
     ssim_window: int = 9,
     timesteps: Tensor | None = None,
+    prediction_type: str = "epsilon",
 ) -> DiffusionLoss:
     """DiffuseReg's training objective for one batch (paper Eq. 3 and 4).
 
     ``phi0`` is z-scored per axis, noised with the scheduler's ``add_noise``
-    (``phi_t = sqrt(a_t) phi0 + sqrt(1 - a_t) eps``), the denoiser predicts ``eps_hat``, and
-    ``phi0_hat = (phi_t - sqrt(1 - a_t) eps_hat) / sqrt(a_t)`` is de-normalised to voxels
-    (``x * std + mean``) before warping and before the smoothness penalty.
+    (``phi_t = sqrt(a_t) phi0 + sqrt(1 - a_t) eps``), the denoiser predicts ``eps_hat`` (or, per
+    ``prediction_type``, the clean field or the velocity; the first term is then the
+    MSE of that prediction), and ``phi0_hat = (phi_t - sqrt(1 - a_t) eps_hat) / sqrt(a_t)``
+    (:func:`~diffusereg.models.clean_and_noise`) is de-normalised to voxels (``x * std + mean``)
+    before warping and before the smoothness penalty.
 
     Args:
-        denoiser: ``denoiser(sample, timestep, fixed=, moving=).sample`` -> ``eps_hat``.
+        denoiser: ``denoiser(sample, timestep, fixed=, moving=).sample`` -> the prediction.
         scheduler: gives ``alphas_cumprod``, ``add_noise`` and ``num_train_timesteps``.
         fixed, moving: ``(B, 1, *S)`` images in ``[0, 1]``.
         phi0: ``(B, ndim, *S)`` teacher field in voxels.
@@ -101,6 +106,7 @@ def diffusion_loss(
         similarity_weight, smoothness_weight: lambda1 and lambda2 of the paper.
         ssim_window: SSIM window size (paper: 9).
         timesteps: ``(B,)`` integer timesteps to use instead of uniform random ones.
+        prediction_type: what the denoiser outputs (its config's ``prediction_type``).
     """
     mean, std = zscore_statistics(field_mean, field_std, phi0)
     phi0_z = (phi0.float() - mean) / std
@@ -110,11 +116,14 @@ def diffusion_loss(
                                   generator=generator, device=phi0.device)
     noise = torch.randn(phi0_z.shape, generator=generator, device=phi0.device)
     phi_t = scheduler.add_noise(phi0_z, noise, timesteps)
-    noise_hat = denoiser(phi_t, timesteps, fixed=fixed, moving=moving).sample.float()
+    prediction = denoiser(phi_t, timesteps, fixed=fixed, moving=moving).sample.float()
 
     alpha_bar = scheduler.alphas_cumprod.to(phi0.device)[timesteps].reshape(batch, *([1] * (phi0.ndim - 1)))
-    phi0_hat = (phi_t - (1 - alpha_bar).sqrt() * noise_hat) / alpha_bar.sqrt() * std + mean
-    noise_term = F.mse_loss(noise_hat, noise)
+    targets = {"epsilon": noise, "sample": phi0_z,
+               "v_prediction": alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * phi0_z}
+    phi0_hat_z, _ = clean_and_noise(prediction, phi_t, alpha_bar, prediction_type)
+    phi0_hat = phi0_hat_z * std + mean
+    noise_term = F.mse_loss(prediction, targets[prediction_type])
     similarity = ssim_loss(fixed.float(), warp(moving.float(), phi0_hat), kernel_size=ssim_window)
     smoothness = gradient_loss(phi0_hat)
     total = noise_term + similarity_weight * similarity + smoothness_weight * smoothness

@@ -109,6 +109,14 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, optim: OptimConfig, max_st
     return SequentialLR(optimizer, [warmup, cosine], milestones=[optim.warmup_steps])
 
 
+def stretch_cosine(schedule: LRScheduler, optim: OptimConfig, max_steps: int) -> None:
+    """Make a (resumed) :func:`cosine_schedule` end at ``max_steps``: the decay continues from
+    the current learning rate and reaches ``optim.min_lr`` at the new end (a loaded scheduler
+    state otherwise keeps the length it was saved with)."""
+    cosine = schedule._schedulers[-1] if isinstance(schedule, SequentialLR) else schedule
+    cosine.T_max = max(max_steps - optim.warmup_steps, 1)
+
+
 def step_seed(seed: int, step: int, process_index: int) -> int:
     """The seed of the randomness of one training step on one process (a 63-bit integer)."""
     return ((seed * 1_000_003 + step) * 10_007 + process_index) % 2**63
@@ -186,6 +194,7 @@ class Trainer:
         stage.setup(self.accelerator)
         if resume and found is not None:
             self.accelerator.load_state(str(found))
+            stretch_cosine(schedule, config.optim, config.train.max_steps)
             self.accelerator.print(f"resumed from {found} at step {self.progress.step}")
 
         self.log: CsvLog | None = None
