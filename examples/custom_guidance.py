@@ -55,7 +55,7 @@ def main() -> None:
         "no guidance": [],
         "custom guide": [FunctionGuide(keep_dark_regions_still, scale=args.scale)],
         "custom guide, second half only, + smoothness": [
-            FunctionGuide(keep_dark_regions_still, scale=args.scale, start=0.5), SmoothnessGuidance(scale=0.05)],
+            FunctionGuide(keep_dark_regions_still, scale=args.scale, start=0.5), SmoothnessGuidance(scale=1.0)],
     }
     for name, guidance in runs.items():
         out = pipe(pair.fixed, pair.moving, moving_labels=pair.moving_labels, num_inference_steps=args.steps,
