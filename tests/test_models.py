@@ -365,7 +365,7 @@ def test_teacher_to_drops_cached_grids() -> None:
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
 def test_every_prediction_type_gives_back_the_clean_field_and_the_noise(prediction_type: str) -> None:
-    from diffusereg.models import clean_and_noise
+    from diffusereg.models import clean_and_noise, prediction_target
 
     gen = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(2, 2, 2, 8, 8, generator=gen)
@@ -373,6 +373,7 @@ def test_every_prediction_type_gives_back_the_clean_field_and_the_noise(predicti
     noisy = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
     prediction = {"epsilon": eps, "sample": x0,
                   "v_prediction": alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0}[prediction_type]
+    torch.testing.assert_close(prediction_target(x0, eps, alpha_bar, prediction_type), prediction, atol=0, rtol=0)
     clean, noise = clean_and_noise(prediction, noisy, alpha_bar, prediction_type)
     torch.testing.assert_close(clean, x0, atol=1e-5, rtol=0)
     torch.testing.assert_close(noise, eps, atol=1e-5, rtol=0)

@@ -380,7 +380,8 @@ def write_atomically(path: Path, write: Callable[[Path], None], overwrite: bool 
         try:
             write(tmp_dir / path.name)
         except RuntimeError as error:
-            reason = str(error).strip().splitlines()[-1].strip() if str(error).strip() else type(error).__name__
+            lines = str(error).strip().splitlines()
+            reason = lines[-1].strip() if lines else type(error).__name__
             raise OSError(f"{path}: cannot be written ({reason})") from error
         for written in sorted(tmp_dir.iterdir(), key=lambda p: p.name == path.name):
             os.replace(written, path.parent / written.name)

@@ -2,13 +2,20 @@
 
 from diffusereg.models.denoiser import DiffuseRegDenoiser
 from diffusereg.models.fusion_attention import fusion_attention_mask
-from diffusereg.models.interface import PREDICTION_TYPES, DenoiserCondition, DenoiserOutput, clean_and_noise
+from diffusereg.models.interface import (
+    PREDICTION_TYPES,
+    DenoiserCondition,
+    DenoiserOutput,
+    clean_and_noise,
+    prediction_target,
+)
 from diffusereg.models.teacher import RegistrationNet
 from diffusereg.models.unet_denoiser import ConditionalUNetDenoiser
 
 __all__ = [
     "PREDICTION_TYPES",
     "clean_and_noise",
+    "prediction_target",
     "ConditionalUNetDenoiser",
     "DenoiserCondition",
     "DenoiserOutput",

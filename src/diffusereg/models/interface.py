@@ -61,6 +61,18 @@ def clean_and_noise(prediction: Tensor, noisy: Tensor, alpha_bar: Tensor, predic
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
+def prediction_target(clean: Tensor, noise: Tensor, alpha_bar: Tensor, prediction_type: str) -> Tensor:
+    """What a denoiser of ``prediction_type`` should output for ``noisy = sqrt(a) clean + sqrt(1 - a) noise``
+    (the inverse of :func:`clean_and_noise`); all tensors z-scored, ``alpha_bar`` broadcastable."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "sample":
+        return clean
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * clean
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
 @dataclass(frozen=True)
 class DenoiserCondition:
     """Everything a denoiser needs from the image pair, computed once by ``encode_condition``.

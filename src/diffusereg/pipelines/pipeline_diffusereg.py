@@ -482,7 +482,7 @@ class DiffuseRegPipeline(DiffusionPipeline):
             if active:
                 x0 = self._apply_guidance(x0, active, fixed_n, moving_n)
             if active or clip_range is not None:
-                noise = (field_t - alpha_bar.sqrt() * (x0 - mean) / std) / (1 - alpha_bar).sqrt()
+                _, noise = clean_and_noise((x0 - mean) / std, field_t, alpha_bar, "sample")
             field_t = sampler.step(noise, t, field_t, **step_kwargs).prev_sample
             steps_run = i + 1
 

@@ -20,7 +20,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor, nn
 
 from diffusereg.losses import dice_loss, gradient_loss, ncc_loss, ssim_loss
-from diffusereg.models import clean_and_noise
+from diffusereg.models import clean_and_noise, prediction_target
 from diffusereg.spatial import warp
 
 __all__ = ["DiffusionLoss", "RegistrationLoss", "diffusion_loss", "registration_loss", "zscore_statistics"]
@@ -119,11 +119,9 @@ def diffusion_loss(
     prediction = denoiser(phi_t, timesteps, fixed=fixed, moving=moving).sample.float()
 
     alpha_bar = scheduler.alphas_cumprod.to(phi0.device)[timesteps].reshape(batch, *([1] * (phi0.ndim - 1)))
-    targets = {"epsilon": noise, "sample": phi0_z,
-               "v_prediction": alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * phi0_z}
     phi0_hat_z, _ = clean_and_noise(prediction, phi_t, alpha_bar, prediction_type)
     phi0_hat = phi0_hat_z * std + mean
-    noise_term = F.mse_loss(prediction, targets[prediction_type])
+    noise_term = F.mse_loss(prediction, prediction_target(phi0_z, noise, alpha_bar, prediction_type))
     similarity = ssim_loss(fixed.float(), warp(moving.float(), phi0_hat), kernel_size=ssim_window)
     smoothness = gradient_loss(phi0_hat)
     total = noise_term + similarity_weight * similarity + smoothness_weight * smoothness
