@@ -151,6 +151,13 @@ def test_mask_matrix_pattern_window() -> None:
     assert torch.equal(fusion_attention_mask(window, region, "none"), torch.zeros(1, 13, 13))
 
 
+@pytest.mark.parametrize("mode", ["window", "adjacent", "none"])
+def test_unshifted_mask_is_built_on_the_requested_device(mode) -> None:
+    """Unshifted windows have no region mask to take the device from (on a GPU the mask must not
+    stay on the CPU)."""
+    assert fusion_attention_mask((2, 2), None, mode, device="meta").device.type == "meta"
+
+
 def test_mask_matrix_pattern_adjacent() -> None:
     window, n = (3, 3), 9
     mask = fusion_attention_mask(window, None, "adjacent")

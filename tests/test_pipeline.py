@@ -347,3 +347,15 @@ def test_a_denoiser_predicting_the_clean_field_is_read_as_such(pair):
     expected = torch.tensor([0.5, -0.25]).reshape(2, 1, 1).expand(2, SIZE, SIZE)
     assert torch.equal(out.field, expected)
     assert torch.equal(out.trajectory["fields"][0, 0], expected)
+
+
+def test_half_precision_weights_sample_in_float32(pipe2d, pair):
+    """Weights in bfloat16 (as ``from_pretrained(..., dtype=torch.bfloat16)`` gives on a GPU): the
+    images and the noisy field are cast to the weights' dtype at the model, the field stays float32."""
+    fixed, moving = pair
+    reference = pipe2d(fixed, moving, num_inference_steps=3, generator=seed()).field
+    half = DiffuseRegPipeline(denoiser=tiny_denoiser(2).to(torch.bfloat16), scheduler=default_scheduler("ddim"))
+    half.set_progress_bar_config(disable=True)
+    field = half(fixed, moving, num_inference_steps=3, generator=seed()).field
+    assert field.dtype == torch.float32 and field.shape == reference.shape
+    assert torch.allclose(field, reference, atol=0.02 * reference.abs().max().item() + 1e-6)

@@ -51,6 +51,7 @@ def fusion_attention_mask(
     region_mask: Tensor | None = None,
     mode: str = "window",
     num_groups: int = 3,
+    device: torch.device | str | None = None,
 ) -> Tensor:
     """Additive attention mask over ``[time, group_1, ..., group_G]`` tokens of each window.
 
@@ -62,6 +63,7 @@ def fusion_attention_mask(
             pairs from different groups farther apart than Chebyshev distance 1 in the window;
             ``"none"`` blocks nothing (full attention within the window).
         num_groups: ``G``, number of token groups after the time token.
+        device: where the mask is built when ``region_mask`` is None (else ``region_mask``'s device).
 
     Returns:
         ``(num_windows, 1 + G*N, 1 + G*N)`` float mask, 0 where attention is allowed and ``-inf``
@@ -71,7 +73,7 @@ def fusion_attention_mask(
     if mode not in CONDITION_MASKS:
         raise ValueError(f"condition mask must be one of {CONDITION_MASKS}, got {mode!r}")
     n = math.prod(window_size)
-    device = region_mask.device if region_mask is not None else None
+    device = region_mask.device if region_mask is not None else device
     if region_mask is None or mode == "none":
         blocked = torch.zeros(1, n, n, dtype=torch.bool, device=device)
     else:

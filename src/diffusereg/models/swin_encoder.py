@@ -161,7 +161,7 @@ class FusionSwinBlock(nn.Module):
         padded = _padded(spatial, window)
         shifted = any(s > 0 for s in shift)
         region = compute_mask(padded, window, shift, x.device) if shifted else None
-        mask = fusion_attention_mask(window, region, self.condition_mask, self.num_groups)
+        mask = fusion_attention_mask(window, region, self.condition_mask, self.num_groups, x.device)
         axes = tuple(range(1, len(spatial) + 1))
 
         def to_windows(t: Tensor) -> Tensor:

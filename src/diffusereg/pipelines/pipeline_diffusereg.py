@@ -445,8 +445,9 @@ class DiffuseRegPipeline(DiffusionPipeline):
         fixed_n = batch.fixed.to(device).repeat_interleave(num_samples, dim=0)
         moving_n = batch.moving.to(device).repeat_interleave(num_samples, dim=0)
 
-        # 2. image features, once per call
-        condition = self.denoiser.encode_condition(fixed_n, moving_n)
+        # 2. image features, once per call (in the weights' dtype; the sampling arithmetic stays float32)
+        dtype = self.denoiser.dtype
+        condition = self.denoiser.encode_condition(fixed_n.to(dtype), moving_n.to(dtype))
 
         # 3. initial noise
         sampler = self._scheduler_for(scheduler)
@@ -473,7 +474,8 @@ class DiffuseRegPipeline(DiffusionPipeline):
         for i, t in enumerate(self.progress_bar(timesteps)):
             alpha_bar = sampler.alphas_cumprod[int(t)].to(device)
             model_input = sampler.scale_model_input(field_t, t)
-            prediction = self.denoiser(model_input, t.expand(field_t.shape[0]).to(device), condition=condition).sample
+            prediction = self.denoiser(model_input.to(dtype), t.expand(field_t.shape[0]).to(device),
+                                       condition=condition).sample.float()
             x0_z, noise = clean_and_noise(prediction, field_t, alpha_bar, prediction_type)
             if clip_range is not None:  # the scheduler's own x0 clipping, so the reported x0 is the one it uses
                 x0_z = x0_z.clamp(-clip_range, clip_range)

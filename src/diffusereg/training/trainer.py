@@ -194,6 +194,8 @@ class Trainer:
         stage.setup(self.accelerator)
         if resume and found is not None:
             self.accelerator.load_state(str(found))
+            if self.ema is not None:  # its saved averages load onto the CPU
+                self.ema.to(self.accelerator.device)
             stretch_cosine(schedule, config.optim, config.train.max_steps)
             self.accelerator.print(f"resumed from {found} at step {self.progress.step}")
 
