@@ -9,7 +9,8 @@ Methods (each on every case of the split, paper protocol, see ``diffusereg.evalu
 identity; ANTs SyN (``antspyx``, ``pip install -e ".[baselines]"``; skipped with a message when
 absent); the teacher network bundled with the model (``<model>/teacher``); diffusereg with DDIM at
 1, 5, 10 and 50 steps, with and without the ``EarlyStopping`` callback; DDPM over the full 2000
-steps on the first ``--ddpm-cases`` cases.
+steps on the first ``--ddpm-cases`` cases; optionally DDIM started from the teacher's field
+(``--refine-strengths``, the pipeline's ``init_field``/``strength``).
 
 Writes ``cases.csv``, ``summary.json`` and ``summary.md`` to ``--output`` and prints the table,
 with, for each diffusion method, the ratio of its sampling time to (steps run x one denoiser
@@ -98,6 +99,9 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/acdc_val"))
     parser.add_argument("--ddim-steps", type=int, nargs="+", default=[1, 5, 10, 50])
     parser.add_argument("--early-stopping", type=float, default=0.02, help="EarlyStopping tolerance (voxels)")
+    parser.add_argument("--refine-strengths", type=float, nargs="*", default=[],
+                        help="also start DDIM (--refine-steps) from the teacher's field at these strengths")
+    parser.add_argument("--refine-steps", type=int, default=10)
     parser.add_argument("--ddpm-cases", type=int, default=2, help="cases for the full-length DDPM run (0: skip)")
     parser.add_argument("--skip", nargs="*", default=[], help="method names to leave out (e.g. 'ANTs SyN')")
     parser.add_argument("--threads", type=int, default=2)
@@ -115,7 +119,11 @@ def main() -> None:
     methods["ANTs SyN"] = ants_syn_registrar(spacing, args.threads) if "ANTs SyN" not in args.skip else None
     teacher_folder = Path(resolve_model(args.model)) / "teacher"
     if teacher_folder.is_dir():
-        methods["teacher (one-shot)"] = teacher_registrar(RegistrationNet.from_pretrained(teacher_folder).eval())
+        teacher = teacher_registrar(RegistrationNet.from_pretrained(teacher_folder).eval())
+        methods["teacher (one-shot)"] = teacher
+        for strength in args.refine_strengths:
+            methods[f"teacher + DDIM {args.refine_steps} from strength {strength:g}"] = pipeline_registrar(
+                pipe, args.refine_steps, seed=args.seed, scheduler="ddim", start=teacher, strength=strength)
     stopper = EarlyStopping(tolerance=args.early_stopping)
     for steps in args.ddim_steps:
         methods[f"DDIM {steps}"] = pipeline_registrar(pipe, steps, seed=args.seed, scheduler="ddim")

@@ -12,8 +12,8 @@ import torch
 
 from diffusereg.cli import main
 from diffusereg.data import ACDCDataset
-from diffusereg.evaluation import (CASE_COLUMNS, RegistrationResult, evaluate, identity_registrar, summarize,
-                                   teacher_registrar)
+from diffusereg.evaluation import (CASE_COLUMNS, RegistrationResult, evaluate, identity_registrar,
+                                   pipeline_registrar, summarize, teacher_registrar)
 from diffusereg.metrics import acdc_dice
 from diffusereg.models import DiffuseRegDenoiser, RegistrationNet
 from diffusereg.pipelines import DiffuseRegPipeline, default_scheduler
@@ -68,6 +68,26 @@ def test_a_2d_teacher_registers_a_volume_slice_by_slice() -> None:
     with torch.no_grad():
         second_slice = net(torch.from_numpy(fixed[1:2, None]), torch.from_numpy(moving[1:2, None]))[0].numpy()
     np.testing.assert_allclose(field[1:, 1], second_slice, atol=1e-5)
+
+
+def test_a_pipeline_can_start_from_another_methods_field() -> None:
+    """``start=`` hands that method's field to the pipeline as ``init_field``: with strength 0.1 one
+    step runs, and the untrained denoiser (noise prediction 0) leaves the given field almost as is."""
+    torch.manual_seed(0)
+    denoiser = DiffuseRegDenoiser(spatial_dims=2, feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
+                                  field_mean=[0.0, 0.0], field_std=[0.02, 0.02]).eval()
+    pipe = DiffuseRegPipeline(denoiser=denoiser, scheduler=default_scheduler("ddim"))
+    pipe.set_progress_bar_config(disable=True)
+    given = np.zeros((3, 2, 32, 32), dtype=np.float32)
+    given[2] = 1.5  # one voxel along W, every slice
+
+    def shift(fixed: np.ndarray, moving: np.ndarray) -> RegistrationResult:
+        return RegistrationResult(given)
+
+    fixed, moving = np.random.default_rng(0).random((2, 2, 32, 32), dtype=np.float32)
+    result = pipeline_registrar(pipe, 10, start=shift, strength=0.1)(fixed, moving)
+    assert result.steps_run == 1
+    np.testing.assert_allclose(result.field, given, atol=0.05)
 
 
 def test_summary_is_mean_and_sample_std_skipping_missing_values() -> None:

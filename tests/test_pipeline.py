@@ -359,3 +359,39 @@ def test_half_precision_weights_sample_in_float32(pipe2d, pair):
     field = half(fixed, moving, num_inference_steps=3, generator=seed()).field
     assert field.dtype == torch.float32 and field.shape == reference.shape
     assert torch.allclose(field, reference, atol=0.02 * reference.abs().max().item() + 1e-6)
+
+
+def test_init_field_with_low_strength_stays_at_the_given_field(pipe2d, pair):
+    """strength 0.1 of 10 steps runs the last step only (t = 199 of 2000): with the untrained denoiser
+    (noise prediction 0) the estimate is the given field plus its noise, std * sqrt(1 - a) / sqrt(a),
+    about 0.02 * 0.32 voxels."""
+    fixed, moving = pair
+    start = torch.stack([torch.full((SIZE, SIZE), 0.7), torch.full((SIZE, SIZE), -0.4)])
+    out = pipe2d(fixed, moving, num_inference_steps=10, init_field=start, strength=0.1, generator=seed())
+    assert out.num_steps_run == 1
+    assert torch.allclose(out.field, start, atol=0.05)
+    half = pipe2d(fixed, moving, num_inference_steps=10, init_field=start, strength=0.5, generator=seed())
+    assert half.num_steps_run == 5
+    full = pipe2d(fixed, moving, num_inference_steps=10, init_field=start, strength=1.0, generator=seed())
+    assert full.num_steps_run == 10 and (full.field - start).abs().mean() > 0.1  # from (almost) pure noise
+
+
+def test_init_field_of_a_volume_uses_the_returned_layout(pipe2d, pair):
+    fixed, moving = pair
+    volume_f, volume_m = fixed.expand(3, SIZE, SIZE), moving.expand(3, SIZE, SIZE)
+    start = torch.zeros(3, 3, SIZE, SIZE)
+    start[1], start[2] = 0.5, -0.25  # (slice axis, H, W) channels; the slice channel must be 0 for a 2D model
+    out = pipe2d(volume_f, volume_m, num_inference_steps=10, init_field=start, strength=0.1, generator=seed())
+    assert out.field.shape == start.shape and torch.allclose(out.field, start, atol=0.05)
+    with pytest.raises(ValueError, match=r"init_field must have the shape .*\(3, 3, 32, 32\), got \(2, 32, 32\)"):
+        pipe2d(volume_f, volume_m, init_field=start[1:, 0], strength=0.5)
+
+
+def test_init_field_and_strength_refuse_what_they_cannot_do(pipe2d, pair, tmp_path):
+    fixed, moving = pair
+    with pytest.raises(ValueError, match="strength needs an init_field"):
+        pipe2d(fixed, moving, strength=0.5)
+    with pytest.raises(ValueError, match=r"strength must be in \(0, 1\], got 0"):
+        pipe2d(fixed, moving, init_field=torch.zeros(2, SIZE, SIZE), strength=0)
+    with pytest.raises(ValueError, match="NaN"):
+        pipe2d(fixed, moving, init_field=torch.full((2, SIZE, SIZE), float("nan")), strength=0.5)

@@ -83,17 +83,21 @@ def identity_registrar(fixed: np.ndarray, moving: np.ndarray) -> RegistrationRes
     return RegistrationResult(np.zeros((fixed.ndim, *fixed.shape), dtype=np.float32))
 
 
-def pipeline_registrar(pipe: Any, num_inference_steps: int, seed: int = 0, **call_kwargs: Any) -> Registrar:
+def pipeline_registrar(pipe: Any, num_inference_steps: int, seed: int = 0, start: Registrar | None = None,
+                       **call_kwargs: Any) -> Registrar:
     """A :class:`~diffusereg.pipelines.DiffuseRegPipeline` as a method.
 
     Every pair is sampled with a fresh ``torch.Generator`` seeded with ``seed``, so results do not
-    depend on the order of the cases. ``call_kwargs`` go to the pipeline call (``scheduler``,
-    ``guidance``, ``callback_on_step_end``, ``num_samples``, ...).
+    depend on the order of the cases. With ``start`` (another method, e.g. :func:`teacher_registrar`)
+    sampling begins from that method's field (``init_field``; give ``strength``). ``call_kwargs`` go
+    to the pipeline call (``scheduler``, ``guidance``, ``callback_on_step_end``, ``num_samples``,
+    ``strength``, ...).
     """
 
     def register(fixed: np.ndarray, moving: np.ndarray) -> RegistrationResult:
+        initial = {} if start is None else {"init_field": start(fixed, moving).field}
         out = pipe(fixed, moving, num_inference_steps=num_inference_steps, output_type="np",
-                   generator=torch.Generator().manual_seed(seed), **call_kwargs)
+                   generator=torch.Generator().manual_seed(seed), **initial, **call_kwargs)
         return RegistrationResult(out.field, out.num_steps_run, out.uncertainty)
 
     return register

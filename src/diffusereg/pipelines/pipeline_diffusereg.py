@@ -277,6 +277,28 @@ class DiffuseRegPipeline(DiffusionPipeline):
             x = x[0] if is_field else x[0, 0]
         return x
 
+    def _field_to_model_layout(self, field: Any, batch: _ModelGridBatch) -> torch.Tensor:
+        """A field given in the layout this call returns (see :meth:`_from_model_grid`) ->
+        ``(N, ndim, *S)`` float32; a ValueError names the expected shape otherwise."""
+        x = torch.as_tensor(np.asarray(field) if not torch.is_tensor(field) else field).float()
+        ndim, count, shape = self.spatial_dims, batch.fixed.shape[0], tuple(batch.fixed.shape[2:])
+        if batch.layout.startswith("slices"):
+            expected = (batch.num_volumes, ndim + 1, batch.depth, *shape)
+            if batch.layout == "slices":
+                expected = expected[1:]
+            # (V, 3, D, H, W) -> (V*D, 2, H, W); the across-slice channel is dropped
+            x = (x.reshape(-1, *expected[-4:])[:, 1:].transpose(1, 2).reshape(count, ndim, *shape)
+                 if tuple(x.shape) == expected else None)
+        else:
+            expected = (ndim, *shape) if batch.layout == "single" else (count, ndim, *shape)
+            x = x.reshape(count, ndim, *shape) if tuple(x.shape) == expected else None
+        if x is None:
+            raise ValueError(f"init_field must have the shape of the field this call returns, {expected}, "
+                             f"got {tuple(np.shape(field))}")
+        if not torch.isfinite(x).all():
+            raise ValueError("init_field contains NaN or infinite values")
+        return x
+
     # ------------------------------------------------------------------ images with geometry
     @property
     def preprocessing(self) -> PaperPreprocessing:
@@ -376,6 +398,8 @@ class DiffuseRegPipeline(DiffusionPipeline):
         return_trajectory: bool = False,
         output_type: str = "pt",
         eta: float = 0.0,
+        init_field: Any = None,
+        strength: float = 1.0,
         return_dict: bool = True,
     ) -> DiffuseRegPipelineOutput | tuple:
         r"""Register ``moving`` to ``fixed``.
@@ -403,6 +427,12 @@ class DiffuseRegPipeline(DiffusionPipeline):
             return_trajectory: keep the clean-field estimate and warped image of every step.
             output_type: ``"pt"`` (CPU tensors) or ``"np"`` (NumPy arrays).
             eta: DDIM stochasticity (0 = deterministic).
+            init_field: start from this field instead of pure noise (model-grid inputs only), in
+                the layout of the field this call returns (voxels), e.g. a one-shot network's
+                field or an earlier result: it is noised to the level of the schedule's step
+                ``num_inference_steps * (1 - strength)`` and denoised from there.
+            strength: in (0, 1], the fraction of the ``num_inference_steps`` schedule that runs
+                from ``init_field``; 1 starts from (almost) pure noise. Only with ``init_field``.
             return_dict: return a :class:`DiffuseRegPipelineOutput` (else a tuple in its field order).
 
         Raises:
@@ -411,6 +441,10 @@ class DiffuseRegPipeline(DiffusionPipeline):
         """
         if output_type not in ("pt", "np"):
             raise ValueError(f"output_type must be 'pt' or 'np', got {output_type!r}")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if strength != 1.0 and init_field is None:
+            raise ValueError("strength needs an init_field to start from")
         sources = {"fixed": fixed, "moving": moving, "moving_labels": moving_labels}
         check_sources(sources)  # files: before any voxel is read
         fixed_image = self._as_image(fixed, "fixed")
@@ -418,6 +452,8 @@ class DiffuseRegPipeline(DiffusionPipeline):
             moving_image = self._as_image(moving, "moving")
             if moving_image is None:
                 raise TypeError("moving must be given like fixed: a path, SimpleITK image or diffusereg.io.Image")
+            if init_field is not None:
+                raise ValueError("init_field needs inputs on the model grid (arrays or tensors), not images with geometry")
             labels_image = self._as_image(moving_labels, "moving_labels")
             check_pair(fixed_image, moving_image, self.spatial_dims, self.preprocessing, moving_labels=labels_image,
                        names={role: source_name(source, role) for role, source in sources.items()})
@@ -456,10 +492,18 @@ class DiffuseRegPipeline(DiffusionPipeline):
                              f"{sampler.config.prediction_type!r}; what the denoiser predicts is its own config's "
                              "prediction_type")
         sampler.set_timesteps(num_inference_steps, device=device)
+        timesteps = sampler.timesteps
         ndim = self.spatial_dims
-        field_t = randn_tensor((fixed_n.shape[0], ndim, *fixed_n.shape[2:]), generator=generator, device=device,
-                               dtype=fixed_n.dtype) * sampler.init_noise_sigma
         mean, std = self._field_statistics(ndim, device)
+        noise = randn_tensor((fixed_n.shape[0], ndim, *fixed_n.shape[2:]), generator=generator, device=device,
+                             dtype=fixed_n.dtype)
+        if init_field is None:
+            field_t = noise * sampler.init_noise_sigma
+        else:  # as diffusers' image-to-image pipelines: run the last `strength` part of the schedule
+            start = num_inference_steps - max(1, min(round(num_inference_steps * strength), num_inference_steps))
+            timesteps = timesteps[start:]
+            init_z = (self._field_to_model_layout(init_field, batch).to(device) - mean) / std
+            field_t = sampler.add_noise(init_z.repeat_interleave(num_samples, dim=0), noise, timesteps[:1])
         clip_range = float(sampler.config.clip_sample_range) if sampler.config.get("clip_sample", False) else None
         prediction_type = self.denoiser.config.get("prediction_type", "epsilon")  # the scheduler always gets the noise
         step_kwargs: dict[str, Any] = {"generator": generator}
@@ -470,7 +514,6 @@ class DiffuseRegPipeline(DiffusionPipeline):
         self._interrupt = False
         x0 = torch.zeros_like(field_t)
         steps_run = 0
-        timesteps = sampler.timesteps
         for i, t in enumerate(self.progress_bar(timesteps)):
             alpha_bar = sampler.alphas_cumprod[int(t)].to(device)
             model_input = sampler.scale_model_input(field_t, t)
