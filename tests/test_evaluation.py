@@ -120,3 +120,24 @@ def test_cli_writes_per_case_csv_and_summaries(acdc_root: Path, tmp_path: Path, 
     assert summary["summary"][str(model)]["Overall"]["n"] == 2
     assert (output / "summary.md").read_text().startswith("| method | LV |")
     assert "2 cases (val)" in capsys.readouterr().out
+
+
+@pytest.mark.acdc
+def test_cli_can_start_from_the_models_teacher(acdc_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    torch.manual_seed(0)
+    denoiser = DiffuseRegDenoiser(spatial_dims=2, feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
+                                  field_mean=[0.0, 0.0], field_std=[0.02, 0.02]).eval()
+    model = tmp_path / "model"
+    DiffuseRegPipeline(denoiser=denoiser, scheduler=default_scheduler("ddim"), model_spacing=(3.0, 3.0, 10.0),
+                       model_size=(16, 64, 64)).save_pretrained(model)
+    arguments = ["evaluate", "--data", str(acdc_root), "--patients", "10", "--model", str(model), "--steps", "4",
+                 "--start-from-teacher", "0.5", "-o", str(tmp_path / "evaluation")]
+    assert main(arguments) != 0
+    assert "has no one-shot teacher" in capsys.readouterr().err
+    RegistrationNet(spatial_dims=2, channels=(8, 8, 8, 8), unet_out_channels=8,
+                    final_conv_channels=(8,)).save_pretrained(model / "teacher")
+    assert main(arguments) == 0
+    with (tmp_path / "evaluation" / "cases.csv").open() as stream:
+        assert [int(row["steps_run"]) for row in csv.DictReader(stream)] == [2]
+    summary = json.loads((tmp_path / "evaluation" / "summary.json").read_text())
+    assert summary["settings"]["start_from_teacher"] == 0.5

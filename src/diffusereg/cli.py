@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--patients", type=int, nargs="+", metavar="N", help="only these patient numbers")
     evaluate.add_argument("--early-stopping", type=float, metavar="TOL",
                           help="stop sampling once the field estimate changes less than TOL voxels for 2 steps")
+    evaluate.add_argument("--start-from-teacher", type=float, metavar="STRENGTH",
+                          help="start sampling from the field of the model's one-shot teacher (MODEL/teacher) and run "
+                               "the last STRENGTH fraction (0 < STRENGTH <= 1) of the steps")
     evaluate.add_argument("-o", "--output", type=Path, default=Path("diffusereg-evaluation"), metavar="OUTDIR",
                           help="output folder (default: ./diffusereg-evaluation)")
     evaluate.set_defaults(handler=_run_evaluate)
@@ -206,8 +209,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from diffusereg.callbacks import EarlyStopping
     from diffusereg.data import ACDCDataset
-    from diffusereg.evaluation import evaluate, pipeline_registrar, write_evaluation
-    from diffusereg.registration import RegistrationError, build_guides, load_pipeline
+    from diffusereg.evaluation import evaluate, pipeline_registrar, teacher_registrar, write_evaluation
+    from diffusereg.registration import RegistrationError, build_guides, load_pipeline, load_teacher
 
     settings = _settings(args)
     if any(spec.kind == "organ" for spec in settings.guidance):
@@ -218,13 +221,19 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                           preprocessing=pipe.preprocessing)
     pipe.set_progress_bar_config(disable=True)
     callback = None if args.early_stopping is None else EarlyStopping(tolerance=args.early_stopping)
+    start = {}
+    if args.start_from_teacher is not None:
+        if not 0 < args.start_from_teacher <= 1:
+            raise RegistrationError(f"--start-from-teacher must be in (0, 1], got {args.start_from_teacher}")
+        start = {"start": teacher_registrar(load_teacher(args.model, pipe.device)), "strength": args.start_from_teacher}
     registrar = pipeline_registrar(pipe, args.steps, seed=args.seed, scheduler=args.scheduler,
                                    guidance=build_guides(settings.guidance, None), num_samples=args.samples,
-                                   callback_on_step_end=callback)
+                                   callback_on_step_end=callback, **start)
     rows = evaluate(dataset, registrar, description=f"{args.model} ({args.steps} {args.scheduler} steps)")
     run = {"data": str(args.data), "split": args.split, "patients": dataset.names, "model": args.model,
            "steps": args.steps, "scheduler": args.scheduler, "guidance": [str(g) for g in settings.guidance],
            "samples": args.samples, "seed": args.seed, "early_stopping": args.early_stopping,
+           "start_from_teacher": args.start_from_teacher,
            "device": str(pipe.device)}
     summary = write_evaluation(args.output, {args.model: rows}, run)[args.model]
     print(f"{len(rows)} cases ({args.split}): " + ", ".join(

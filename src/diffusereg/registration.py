@@ -51,6 +51,7 @@ from diffusereg.visualize import save_trajectory_gif, save_trajectory_strip, tra
 if TYPE_CHECKING:
     from accelerate import PartialState
 
+    from diffusereg.models import RegistrationNet
     from diffusereg.pipelines import DiffuseRegPipeline
 
 __all__ = [
@@ -64,6 +65,7 @@ __all__ = [
     "check_request",
     "is_complete",
     "load_pipeline",
+    "load_teacher",
     "register_pair",
     "register_pair_list",
     "shown_slice",
@@ -198,6 +200,22 @@ def load_pipeline(model: str, device: str | torch.device = "cpu", allow_pickle: 
             "not a folder, and not loadable from the Hugging Face Hub or its local cache")
         raise ModelNotFoundError(f"model {model!r} not found: {where} ({reason})") from error
     return pipe.to(device)
+
+
+def load_teacher(model: str, device: str | torch.device = "cpu") -> RegistrationNet:
+    """The one-shot teacher network stored beside a pipeline (``MODEL/teacher``, as in the bundled
+    models), in eval mode on ``device``.
+
+    Raises:
+        ModelNotFoundError: the model folder has no ``teacher`` folder (Hub ids are not searched).
+    """
+    from diffusereg.hub import resolve_model
+    from diffusereg.models import RegistrationNet
+
+    folder = Path(resolve_model(model)).expanduser() / "teacher"
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(f"model {model!r} has no one-shot teacher: {folder} is not a saved RegistrationNet")
+    return RegistrationNet.from_pretrained(folder, use_safetensors=True).to(device).eval()
 
 
 # ---------------------------------------------------------------------------------- outputs
