@@ -182,3 +182,31 @@ def test_bad_input_exits_2_with_one_line(problem: str, tiny_model: Path, phantom
     assert error.startswith("diffusereg register: error:") and "\n" not in error and expected in error
     if before is not None:
         assert moving.read_bytes() == before
+
+
+def test_register_can_start_from_the_models_teacher(coarse_tiny_model: Path, phantom_pairs: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]):
+    """--start-from-teacher: the teacher runs on the preprocessed images (init_field as a function),
+    the last STRENGTH of the steps run; a model without MODEL/teacher is refused before any output."""
+    import shutil
+
+    import torch
+
+    from diffusereg.models import RegistrationNet
+
+    model = tmp_path / "model"
+    shutil.copytree(coarse_tiny_model, model)
+    pair = phantom_pairs / "pair1"
+    arguments = ["register", str(pair / "ed.nii.gz"), str(pair / "es.nii.gz"), "-o", str(tmp_path / "out"),
+                 "--model", str(model), "--steps", "4", "--start-from-teacher", "0.5"]
+    assert main(arguments) == 2
+    assert "has no one-shot teacher" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    torch.manual_seed(0)
+    RegistrationNet(spatial_dims=2, channels=(8, 8, 8, 8), unet_out_channels=8,
+                    final_conv_channels=(8,)).save_pretrained(model / "teacher")
+    assert main(arguments) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["steps_run"] == 2 and metrics["start_from_teacher"] == 0.5
+    assert main([*arguments[:-1], "1.5"]) == 2
+    assert "--start-from-teacher must be in (0, 1], got 1.5" in capsys.readouterr().err

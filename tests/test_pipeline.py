@@ -370,6 +370,10 @@ def test_init_field_with_low_strength_stays_at_the_given_field(pipe2d, pair):
     out = pipe2d(fixed, moving, num_inference_steps=10, init_field=start, strength=0.1, generator=seed())
     assert out.num_steps_run == 1
     assert torch.allclose(out.field, start, atol=0.05)
+    seen = []
+    from_function = pipe2d(fixed, moving, num_inference_steps=10, strength=0.1, generator=seed(),
+                           init_field=lambda f, m: seen.append((f, m)) or start)
+    assert torch.equal(from_function.field, out.field) and seen[0][0] is fixed and seen[0][1] is moving
     half = pipe2d(fixed, moving, num_inference_steps=10, init_field=start, strength=0.5, generator=seed())
     assert half.num_steps_run == 5
     full = pipe2d(fixed, moving, num_inference_steps=10, init_field=start, strength=1.0, generator=seed())

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from diffusereg import __version__
 
 if TYPE_CHECKING:
+    from diffusereg.models import RegistrationNet
     from diffusereg.registration import RegistrationSettings
 
 DEFAULT_MODEL = "diffusereg/acdc-2d"  # the shipped model (a Hugging Face Hub id)
@@ -44,6 +45,15 @@ def _sampling_options() -> argparse.ArgumentParser:
     return options
 
 
+def _start_option() -> argparse.ArgumentParser:
+    """``--start-from-teacher``, for the commands that register with the model's teacher at hand."""
+    option = argparse.ArgumentParser(add_help=False)
+    option.add_argument("--start-from-teacher", type=float, metavar="STRENGTH",
+                        help="start sampling from the field of the model's one-shot teacher (MODEL/teacher) and run "
+                             "the last STRENGTH fraction (0 < STRENGTH <= 1) of the steps")
+    return option
+
+
 def _pair_arguments() -> argparse.ArgumentParser:
     """Arguments shared by ``register`` and ``watch``: FIXED, MOVING and their label maps."""
     arguments = argparse.ArgumentParser(add_help=False)
@@ -64,10 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"diffusereg {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sampling, pair = _sampling_options(), _pair_arguments()
+    sampling, pair, start = _sampling_options(), _pair_arguments(), _start_option()
 
     register = commands.add_parser(
-        "register", parents=[pair, sampling],
+        "register", parents=[pair, sampling, start],
         help="register a pair of images (or a list of pairs) and write the results",
         description="Register MOVING to FIXED (NIfTI, MHA/MHD or NRRD; any size, spacing, orientation). Writes into "
                     "OUTDIR the warped image and labels, the field (field.h5 ITK transform, field.nii.gz), "
@@ -82,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     register.set_defaults(handler=_run_register)
 
     demo = commands.add_parser(
-        "demo", parents=[sampling], help="register a built-in cardiac phantom (or an ACDC patient) and print Dice",
+        "demo", parents=[sampling, start], help="register a built-in cardiac phantom (or an ACDC patient) and print Dice",
         description="Register end-systole to end-diastole of a cardiac cine-MR phantom generated in code (or, with "
                     "--acdc, of a real ACDC patient), write every output and the trajectory, and print Dice.")
     demo.add_argument("-o", "--output", type=Path, default=Path("diffusereg-demo"), metavar="OUTDIR",
@@ -92,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_run_demo, save_trajectory=True)
 
     evaluate = commands.add_parser(
-        "evaluate", parents=[sampling], help="score a model on ACDC-like data (Dice, NJD %, JSD, HD95, time)",
+        "evaluate", parents=[sampling, start], help="score a model on ACDC-like data (Dice, NJD %, JSD, HD95, time)",
         description="Register ES (moving) to ED (fixed) for every patient of an ACDC-like folder (patientNNN/Info.cfg, "
                     "frames and _gt labels) on the paper's model grid, and write OUTDIR/cases.csv (one row per case), "
                     "OUTDIR/summary.json and OUTDIR/summary.md.")
@@ -102,9 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--patients", type=int, nargs="+", metavar="N", help="only these patient numbers")
     evaluate.add_argument("--early-stopping", type=float, metavar="TOL",
                           help="stop sampling once the field estimate changes less than TOL voxels for 2 steps")
-    evaluate.add_argument("--start-from-teacher", type=float, metavar="STRENGTH",
-                          help="start sampling from the field of the model's one-shot teacher (MODEL/teacher) and run "
-                               "the last STRENGTH fraction (0 < STRENGTH <= 1) of the steps")
     evaluate.add_argument("-o", "--output", type=Path, default=Path("diffusereg-evaluation"), metavar="OUTDIR",
                           help="output folder (default: ./diffusereg-evaluation)")
     evaluate.set_defaults(handler=_run_evaluate)
@@ -134,8 +141,19 @@ def _settings(args: argparse.Namespace) -> RegistrationSettings:
         if getattr(args, name) < 1:
             raise RegistrationError(f"--{name} must be at least 1, got {getattr(args, name)}")
     guidance = tuple(GuidanceSpec.parse(text) for text in args.guidance)
+    strength = getattr(args, "start_from_teacher", None)
+    if strength is not None and not 0 < strength <= 1:
+        raise RegistrationError(f"--start-from-teacher must be in (0, 1], got {strength}")
     return RegistrationSettings(steps=args.steps, scheduler=args.scheduler, guidance=guidance, samples=args.samples,
-                                seed=args.seed, save_trajectory=getattr(args, "save_trajectory", False))
+                                seed=args.seed, save_trajectory=getattr(args, "save_trajectory", False),
+                                start_from_teacher=strength)
+
+
+def _teacher(args: argparse.Namespace, settings: RegistrationSettings, device: Any) -> RegistrationNet | None:
+    """The model's one-shot teacher when sampling starts from its field, else None."""
+    from diffusereg.registration import load_teacher
+
+    return None if settings.start_from_teacher is None else load_teacher(args.model, device)
 
 
 def _device(args: argparse.Namespace) -> str:
@@ -166,7 +184,8 @@ def _run_register(args: argparse.Namespace) -> int:
         check_pair_list(args.pairs, args.output, settings)  # fail before loading the model
         pipe = load_pipeline(args.model, args.device or state.device, allow_pickle=args.trust_pickle_weights)
         pipe.set_progress_bar_config(disable=True)
-        summary = register_pair_list(pipe, args.pairs, args.output, settings, model_name=args.model, state=state)
+        summary = register_pair_list(pipe, args.pairs, args.output, settings, model_name=args.model, state=state,
+                                     teacher=_teacher(args, settings, pipe.device))
         print(f"{args.output}: registered {len(summary.registered)} pairs, skipped {len(summary.skipped)} finished "
               f"ones (process {state.process_index} of {state.num_processes})")
         return 0
@@ -176,7 +195,8 @@ def _run_register(args: argparse.Namespace) -> int:
     check_request(args.fixed, args.moving, args.output, settings, args.fixed_labels, args.moving_labels)
     pipe = load_pipeline(args.model, _device(args), allow_pickle=args.trust_pickle_weights)
     metrics = register_pair(pipe, args.fixed, args.moving, args.output, settings, fixed_labels=args.fixed_labels,
-                            moving_labels=args.moving_labels, model_name=args.model)
+                            moving_labels=args.moving_labels, model_name=args.model,
+                            teacher=_teacher(args, settings, pipe.device))
     print(_summary(metrics, args.output))
     return 0
 
@@ -198,7 +218,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         inputs = write_phantom(args.output, seed=0)
         print(f"cardiac phantom (end-systole -> end-diastole) written to {args.output}")
     metrics = register_pair(pipe, inputs.fixed, inputs.moving, args.output, settings, fixed_labels=inputs.fixed_labels,
-                            moving_labels=inputs.moving_labels, model_name=args.model)
+                            moving_labels=inputs.moving_labels, model_name=args.model,
+                            teacher=_teacher(args, settings, pipe.device))
     print(f"{'Dice':<8}{'before':>8}{'after':>8}")
     for structure, after in metrics["dice_after"].items():
         print(f"{structure:<8}{metrics['dice_before'][structure]:>8.3f}{after:>8.3f}")
@@ -210,7 +231,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from diffusereg.callbacks import EarlyStopping
     from diffusereg.data import ACDCDataset
     from diffusereg.evaluation import evaluate, pipeline_registrar, teacher_registrar, write_evaluation
-    from diffusereg.registration import RegistrationError, build_guides, load_pipeline, load_teacher
+    from diffusereg.registration import RegistrationError, build_guides, load_pipeline
 
     settings = _settings(args)
     if any(spec.kind == "organ" for spec in settings.guidance):
@@ -221,11 +242,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                           preprocessing=pipe.preprocessing)
     pipe.set_progress_bar_config(disable=True)
     callback = None if args.early_stopping is None else EarlyStopping(tolerance=args.early_stopping)
-    start = {}
-    if args.start_from_teacher is not None:
-        if not 0 < args.start_from_teacher <= 1:
-            raise RegistrationError(f"--start-from-teacher must be in (0, 1], got {args.start_from_teacher}")
-        start = {"start": teacher_registrar(load_teacher(args.model, pipe.device)), "strength": args.start_from_teacher}
+    teacher = _teacher(args, settings, pipe.device)
+    start = {} if teacher is None else {"start": teacher_registrar(teacher), "strength": settings.start_from_teacher}
     registrar = pipeline_registrar(pipe, args.steps, seed=args.seed, scheduler=args.scheduler,
                                    guidance=build_guides(settings.guidance, None), num_samples=args.samples,
                                    callback_on_step_end=callback, **start)

@@ -128,8 +128,9 @@ class GuidanceSpec:
 @dataclass(frozen=True)
 class RegistrationSettings:
     """How to sample: steps, scheduler (``"ddim"``/``"ddpm"``), guides, samples per pair (their
-    mean is the field, their std the uncertainty), the seed of the initial noise, and whether to
-    draw the trajectory."""
+    mean is the field, their std the uncertainty), the seed of the initial noise, whether to
+    draw the trajectory, and ``start_from_teacher``: None to start from noise, or a strength in
+    (0, 1] to start from the one-shot teacher's field and run that fraction of the steps."""
 
     steps: int = 10
     scheduler: str = "ddim"
@@ -137,6 +138,7 @@ class RegistrationSettings:
     samples: int = 1
     seed: int = 0
     save_trajectory: bool = False
+    start_from_teacher: float | None = None
 
 
 @dataclass
@@ -384,6 +386,7 @@ def register_pair(
     model_name: str = "",
     callback_on_step_end: Callable | Sequence[Callable] | None = None,
     guides: Sequence[Guide] = (),
+    teacher: RegistrationNet | None = None,
 ) -> dict[str, Any]:
     """Register ``moving`` to ``fixed`` and write the outputs (see the module docstring).
 
@@ -409,6 +412,8 @@ def register_pair(
             step it stopped at.
         guides: guide objects used besides ``settings.guidance`` (e.g. ones whose settings change
             while sampling runs); ``metrics.json`` lists them by ``str(guide)``.
+        teacher: the one-shot network whose field sampling starts from when
+            ``settings.start_from_teacher`` is set (:func:`load_teacher`).
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -420,6 +425,15 @@ def register_pair(
     """
     output_dir = Path(output_dir)
     check_request(fixed, moving, output_dir, settings, fixed_labels, moving_labels)
+    start: dict[str, Any] = {}
+    if settings.start_from_teacher is not None:
+        if teacher is None:
+            raise RegistrationError("start_from_teacher needs the teacher network (load_teacher)")
+        from diffusereg.evaluation import teacher_registrar
+
+        one_shot = teacher_registrar(teacher)
+        start = {"init_field": lambda f, m: one_shot(np.asarray(f), np.asarray(m)).field,
+                 "strength": settings.start_from_teacher}
     fixed_image, moving_image = _as_image(fixed), _as_image(moving)
     fixed_label_image, moving_label_image = _as_image(fixed_labels), _as_image(moving_labels)
     names = {role: source_name(source, role) for role, source in _sources(fixed, moving, fixed_labels,
@@ -438,7 +452,7 @@ def register_pair(
     out = pipe(fixed_image, moving_image, moving_labels=moving_label_image, num_inference_steps=settings.steps,
                scheduler=settings.scheduler, guidance=all_guides, num_samples=settings.samples,
                generator=torch.Generator().manual_seed(settings.seed), return_trajectory=settings.save_trajectory,
-               callback_on_step_end=callback_on_step_end, output_type="np")
+               callback_on_step_end=callback_on_step_end, output_type="np", **start)
     elapsed = time.perf_counter() - started
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -455,6 +469,7 @@ def register_pair(
             "fixed_labels": _describe(fixed_labels), "moving_labels": _describe(moving_labels),
             "model": model_name, "scheduler": settings.scheduler, "steps": settings.steps,
             "steps_run": out.num_steps_run, "samples": settings.samples, "seed": settings.seed,
+            "start_from_teacher": settings.start_from_teacher,
             "guidance": [*(str(spec) for spec in settings.guidance), *(str(guide) for guide in guides)],
             "device": str(pipe.device),
             "time_seconds": round(elapsed, 3),
@@ -502,6 +517,7 @@ def register_pair_list(
     model_name: str = "",
     state: PartialState | None = None,
     progress: bool = True,
+    teacher: RegistrationNet | None = None,
 ) -> BatchSummary:
     """Register every pair of a CSV/JSON list into ``output_dir/NAME/``, skipping finished pairs.
 
@@ -520,6 +536,7 @@ def register_pair_list(
         model_name: recorded in each ``metrics.json``.
         state: Accelerate's process state (a new ``PartialState()`` if None).
         progress: show a progress bar (main process only).
+        teacher: see :func:`register_pair`.
     """
     from accelerate import PartialState
     from tqdm.auto import tqdm
@@ -534,6 +551,6 @@ def register_pair_list(
                 summary.skipped.append(name)
                 continue
             register_pair(pipe, pair.fixed, pair.moving, output_dir / name, settings, fixed_labels=pair.fixed_labels,
-                          moving_labels=pair.moving_labels, model_name=model_name)
+                          moving_labels=pair.moving_labels, model_name=model_name, teacher=teacher)
             summary.registered.append(name)
     return summary

@@ -427,10 +427,12 @@ class DiffuseRegPipeline(DiffusionPipeline):
             return_trajectory: keep the clean-field estimate and warped image of every step.
             output_type: ``"pt"`` (CPU tensors) or ``"np"`` (NumPy arrays).
             eta: DDIM stochasticity (0 = deterministic).
-            init_field: start from this field instead of pure noise (model-grid inputs only), in
-                the layout of the field this call returns (voxels), e.g. a one-shot network's
-                field or an earlier result: it is noised to the level of the schedule's step
-                ``num_inference_steps * (1 - strength)`` and denoised from there.
+            init_field: start from this field instead of pure noise, in the layout of the field
+                this call returns (voxels), e.g. a one-shot network's field or an earlier result:
+                it is noised to the level of the schedule's step ``num_inference_steps * (1 -
+                strength)`` and denoised from there. An array needs model-grid inputs; a function
+                ``init_field(fixed, moving) -> field`` is called with the model-grid images (the
+                preprocessed ones for images with geometry).
             strength: in (0, 1], the fraction of the ``num_inference_steps`` schedule that runs
                 from ``init_field``; 1 starts from (almost) pure noise. Only with ``init_field``.
             return_dict: return a :class:`DiffuseRegPipelineOutput` (else a tuple in its field order).
@@ -452,8 +454,9 @@ class DiffuseRegPipeline(DiffusionPipeline):
             moving_image = self._as_image(moving, "moving")
             if moving_image is None:
                 raise TypeError("moving must be given like fixed: a path, SimpleITK image or diffusereg.io.Image")
-            if init_field is not None:
-                raise ValueError("init_field needs inputs on the model grid (arrays or tensors), not images with geometry")
+            if init_field is not None and not callable(init_field):
+                raise ValueError("an init_field array needs inputs on the model grid (arrays or tensors); for images "
+                                 "with geometry give a function init_field(fixed, moving) of the model-grid images")
             labels_image = self._as_image(moving_labels, "moving_labels")
             check_pair(fixed_image, moving_image, self.spatial_dims, self.preprocessing, moving_labels=labels_image,
                        names={role: source_name(source, role) for role, source in sources.items()})
@@ -462,7 +465,8 @@ class DiffuseRegPipeline(DiffusionPipeline):
                 num_inference_steps=num_inference_steps, scheduler=scheduler, guidance=guidance,
                 callback_on_step_end=callback_on_step_end,
                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, num_samples=num_samples,
-                generator=generator, return_trajectory=return_trajectory, eta=eta,
+                generator=generator, return_trajectory=return_trajectory, eta=eta, init_field=init_field,
+                strength=strength,
             )
             return output if return_dict else output.to_tuple()
         callbacks = [] if callback_on_step_end is None else (
@@ -476,6 +480,8 @@ class DiffuseRegPipeline(DiffusionPipeline):
 
         # 1. inputs to the model grid, checked
         batch = self._to_model_grid(fixed, moving, moving_labels)
+        if callable(init_field):
+            init_field = init_field(fixed, moving)
         self.check_inputs(batch.fixed, batch.moving, batch.moving_labels, num_inference_steps, num_samples, tensor_inputs)
         device = self._execution_device
         fixed_n = batch.fixed.to(device).repeat_interleave(num_samples, dim=0)
