@@ -251,7 +251,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     run = {"data": str(args.data), "split": args.split, "patients": dataset.names, "model": args.model,
            "steps": args.steps, "scheduler": args.scheduler, "guidance": [str(g) for g in settings.guidance],
            "samples": args.samples, "seed": args.seed, "early_stopping": args.early_stopping,
-           "start_from_teacher": args.start_from_teacher,
+           "start_from_teacher": settings.start_from_teacher,
            "device": str(pipe.device)}
     summary = write_evaluation(args.output, {args.model: rows}, run)[args.model]
     print(f"{len(rows)} cases ({args.split}): " + ", ".join(
