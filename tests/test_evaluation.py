@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,8 @@ from diffusereg.data import ACDCDataset
 from diffusereg.evaluation import (CASE_COLUMNS, RegistrationResult, evaluate, identity_registrar,
                                    pipeline_registrar, summarize, teacher_registrar)
 from diffusereg.metrics import acdc_dice
-from diffusereg.models import DiffuseRegDenoiser, RegistrationNet
-from diffusereg.pipelines import DiffuseRegPipeline, default_scheduler
+from diffusereg.models import RegistrationNet
+from diffusereg.pipelines import DiffuseRegPipeline
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +71,10 @@ def test_a_2d_teacher_registers_a_volume_slice_by_slice() -> None:
     np.testing.assert_allclose(field[1:, 1], second_slice, atol=1e-5)
 
 
-def test_a_pipeline_can_start_from_another_methods_field() -> None:
+def test_a_pipeline_can_start_from_another_methods_field(tiny_model: Path) -> None:
     """``start=`` hands that method's field to the pipeline as ``init_field``: with strength 0.1 one
     step runs, and the untrained denoiser (noise prediction 0) leaves the given field almost as is."""
-    torch.manual_seed(0)
-    denoiser = DiffuseRegDenoiser(spatial_dims=2, feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
-                                  field_mean=[0.0, 0.0], field_std=[0.02, 0.02]).eval()
-    pipe = DiffuseRegPipeline(denoiser=denoiser, scheduler=default_scheduler("ddim"))
+    pipe = DiffuseRegPipeline.from_pretrained(str(tiny_model))
     pipe.set_progress_bar_config(disable=True)
     given = np.zeros((3, 2, 32, 32), dtype=np.float32)
     given[2] = 1.5  # one voxel along W, every slice
@@ -99,13 +97,9 @@ def test_summary_is_mean_and_sample_std_skipping_missing_values() -> None:
 
 
 @pytest.mark.acdc
-def test_cli_writes_per_case_csv_and_summaries(acdc_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    torch.manual_seed(0)
-    denoiser = DiffuseRegDenoiser(spatial_dims=2, feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
-                                  field_mean=[0.0, 0.0], field_std=[0.02, 0.02]).eval()
-    model = tmp_path / "model"
-    DiffuseRegPipeline(denoiser=denoiser, scheduler=default_scheduler("ddim"), model_spacing=(3.0, 3.0, 10.0),
-                       model_size=(16, 64, 64)).save_pretrained(model)
+def test_cli_writes_per_case_csv_and_summaries(acdc_root: Path, tiny_model: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    model = tiny_model
     output = tmp_path / "evaluation"
     code = main(["evaluate", "--data", str(acdc_root), "--patients", "10", "20", "--model", str(model), "--steps", "2",
                  "--early-stopping", "0.5", "-o", str(output)])
@@ -123,13 +117,10 @@ def test_cli_writes_per_case_csv_and_summaries(acdc_root: Path, tmp_path: Path, 
 
 
 @pytest.mark.acdc
-def test_cli_can_start_from_the_models_teacher(acdc_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    torch.manual_seed(0)
-    denoiser = DiffuseRegDenoiser(spatial_dims=2, feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
-                                  field_mean=[0.0, 0.0], field_std=[0.02, 0.02]).eval()
+def test_cli_can_start_from_the_models_teacher(acdc_root: Path, tiny_model: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
     model = tmp_path / "model"
-    DiffuseRegPipeline(denoiser=denoiser, scheduler=default_scheduler("ddim"), model_spacing=(3.0, 3.0, 10.0),
-                       model_size=(16, 64, 64)).save_pretrained(model)
+    shutil.copytree(tiny_model, model)  # a teacher is added below; the shared fixture stays as it is
     arguments = ["evaluate", "--data", str(acdc_root), "--patients", "10", "--model", str(model), "--steps", "4",
                  "--start-from-teacher", "0.5", "-o", str(tmp_path / "evaluation")]
     assert main(arguments) != 0
