@@ -135,7 +135,8 @@ def read_log(output: Path) -> list[dict[str, str]]:
 
 def test_repository_configs_load() -> None:
     for name, kind in [("teacher_2d_cpu", TeacherConfig), ("teacher_3d_gpu", TeacherConfig),
-                       ("diffusion_2d_cpu", DiffusionConfig), ("diffusion_3d_gpu", DiffusionConfig)]:
+                       ("diffusion_2d_cpu", DiffusionConfig), ("diffusion_3d_gpu", DiffusionConfig),
+                       ("finetune_2d_gpu", DiffusionConfig)]:
         config = load_config(REPO / "configs" / f"{name}.yaml", kind)
         assert config.data.spatial_dims == (2 if "2d" in name else 3)
         assert isinstance(config.optim.lr, float)
@@ -260,6 +261,31 @@ def test_diffusion_saves_a_loadable_pipeline(diffusion_runs: ResumeRuns, teacher
     images = torch.rand(2, 1, 1, 32, 32)
     out = pipe(images[0], images[1], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert out.field.shape == (1, 2, 32, 32)
+
+
+@pytest.mark.acdc
+def test_fine_tuning_starts_from_the_given_pipeline(diffusion_runs: ResumeRuns, teacher_dir: Path, acdc_root: Path,
+                                                    tmp_path: Path) -> None:
+    pretrained = diffusion_runs.straight / "pipeline"
+    config = tiny_diffusion_config(acdc_root, teacher_dir, tmp_path / "tuned", max_steps=2)
+    config.model, config.init_weights = {}, str(pretrained)
+    trainer = Trainer(DiffusionStage(config))
+    start = {name: tensor.clone() for name, tensor in trainer.unwrapped.state_dict().items()}
+    torch.testing.assert_close(start, DiffuseRegPipeline.from_pretrained(pretrained).denoiser.state_dict())
+    trainer.fit()
+    trainer.close()
+    tuned = DiffuseRegPipeline.from_pretrained(tmp_path / "tuned" / "pipeline").denoiser.state_dict()
+    assert any(not torch.equal(tuned[name], start[name]) for name in start)  # it trained
+
+    with pytest.raises(ConfigError, match="leave `model` empty"):
+        DiffusionConfig(model=dict(TINY_DENOISER), init_weights=str(pretrained))
+    other_stats = tmp_path / "other_teacher"
+    other_stats.mkdir()
+    stats = FieldStatistics.load(teacher_dir / "field_stats.json")
+    FieldStatistics(**{**stats.__dict__, "std": [s * 2 for s in stats.std]}).save(other_stats / "field_stats.json")
+    config.teacher, config.train.output_dir = str(other_stats), str(tmp_path / "mismatched")
+    with pytest.raises(ValueError, match="field_std"):
+        Trainer(DiffusionStage(config))
 
 
 @pytest.mark.acdc

@@ -171,6 +171,10 @@ class DiffusionConfig:
     ``teacher`` is the output directory of stage 1 (``phi0/``, ``field_stats.json``,
     ``teacher/``). ``phi0_source: cache`` reads phi0 from ``phi0/``; ``teacher`` runs the
     frozen teacher on every (possibly augmented) batch instead, which augmentation requires.
+    ``init_weights`` (a pipeline name such as ``diffusereg/acdc-2d``, a Hub id or a folder)
+    starts from that pipeline's denoiser instead of fresh weights (fine-tuning); its
+    architecture comes with it, so ``model`` must then stay empty, and its field statistics
+    must be the teacher's.
     """
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -181,8 +185,12 @@ class DiffusionConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     teacher: str = "runs/teacher_2d"
     phi0_source: Literal["cache", "teacher"] = "cache"
+    init_weights: str | None = None
 
     def __post_init__(self) -> None:
+        if self.init_weights is not None and self.model:
+            raise ConfigError(f"init_weights ({self.init_weights}) brings its own architecture; "
+                              f"leave `model` empty (got {sorted(self.model)})")
         if self.data.augment.enabled and self.phi0_source == "cache":
             raise ConfigError("data.augment.enabled needs phi0_source: teacher "
                               "(the cached phi0 fit the un-augmented pairs only)")

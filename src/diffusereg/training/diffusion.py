@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from diffusereg.hub import resolve_model
 from diffusereg.models import DiffuseRegDenoiser, RegistrationNet
 from diffusereg.pipelines import DiffuseRegPipeline, default_scheduler
 from diffusereg.training.config import DiffusionConfig
@@ -47,8 +48,28 @@ class DiffusionStage(Stage):
         self.teacher: RegistrationNet | None = None
 
     def build_model(self) -> nn.Module:
-        return DiffuseRegDenoiser(spatial_dims=self.config.data.spatial_dims, field_mean=self.statistics.mean,
-                                  field_std=self.statistics.std, **self.config.model)
+        """A fresh denoiser, or the one of ``init_weights`` (float32) after checking that it fits."""
+        if self.config.init_weights is None:
+            model = DiffuseRegDenoiser(spatial_dims=self.config.data.spatial_dims, field_mean=self.statistics.mean,
+                                       field_std=self.statistics.std, **self.config.model)
+        else:
+            model = DiffuseRegDenoiser.from_pretrained(resolve_model(self.config.init_weights),
+                                                       subfolder="denoiser").to(torch.float32)
+            self._check_pretrained(model)
+        self.prediction_type = model.config.prediction_type
+        return model
+
+    def _check_pretrained(self, model: DiffuseRegDenoiser) -> None:
+        source, config = self.config.init_weights, model.config
+        if config.spatial_dims != self.config.data.spatial_dims:
+            raise ValueError(f"init_weights {source} is a {config.spatial_dims}D denoiser "
+                             f"but data.spatial_dims is {self.config.data.spatial_dims}")
+        for name, ours in (("field_mean", self.statistics.mean), ("field_std", self.statistics.std)):
+            theirs = getattr(config, name)
+            if not torch.allclose(torch.tensor(theirs, dtype=torch.float64), torch.tensor(ours, dtype=torch.float64),
+                                  rtol=1e-4, atol=1e-6):
+                raise ValueError(f"init_weights {source} was trained on fields with {name} {theirs}, but the "
+                                 f"teacher in {self.teacher_dir} gives {ours}: fine-tune with the teacher it learnt from")
 
     def train_dataset(self) -> Dataset:
         dataset = build_dataset(self.config.data, "train")
@@ -72,7 +93,7 @@ class DiffusionStage(Stage):
             model, self.scheduler, batch["fixed"], batch["moving"], phi0,
             self.statistics.mean, self.statistics.std, generator=generator,
             similarity_weight=loss.similarity_weight, smoothness_weight=loss.smoothness_weight,
-            ssim_window=loss.ssim_window, prediction_type=self.config.model.get("prediction_type", "epsilon"),
+            ssim_window=loss.ssim_window, prediction_type=self.prediction_type,
         ).parts()
 
     def predict_field(self, model: nn.Module, fixed: Tensor, moving: Tensor, generator: torch.Generator) -> Tensor:
