@@ -1,18 +1,26 @@
-"""3D DiffuseReg on one GPU within a fixed time budget (the run behind docs/evaluation.md, "3D on a GPU").
+"""DiffuseReg on one lent GPU within a fixed time budget (the runs behind docs/evaluation.md,
+"On a GPU"). ``--phases`` picks, in order, from:
 
-1. timings: the shipped 2D pipeline on the validation volumes (Dice, seconds per case) and the
-   3D denoiser's forward pass (fp32 / bf16 autocast, peak memory);
-2. the 3D teacher, then the 3D denoiser (clean-field prediction) on its fields: each stage runs a
-   short throughput probe, then resumes (``Trainer(resume=True)``, which stretches the cosine) with
-   the number of steps that fits its share of the budget;
-3. both scored on the ten validation patients (model grid, 3D Dice over the volume).
+- ``timings_3d``, ``timings_2d``: the 3D denoiser's forward pass (fp32 / bf16 autocast, peak
+  memory); the shipped 2D pipeline on the validation volumes (Dice, seconds per case);
+- ``teacher_3d``, ``diffusion_3d``, ``evaluate_3d``: the 3D teacher, then the 3D denoiser
+  (clean-field prediction) on its fields, both scored on the validation patients;
+- ``finetune_2d``, ``evaluate_2d``, ``ddpm_2d``: the shipped 2D denoiser fine-tuned
+  (``init_weights``) on the training slices with the shipped teacher run on every batch, saved in
+  float16 to ``--out/tuned_2d``; shipped and fine-tuned scored at DDIM 1 / 5 / 10; then the
+  better of the two (DDIM 10 Overall) sampled with DDPM over all 2000 steps on as many
+  validation patients as the budget allows.
+
+Each training stage runs a short throughput probe, then resumes (``Trainer(resume=True)``, which
+stretches the cosine) with the number of steps that fits its share of the budget. Scores: the
+validation patients on the model grid, 3D Dice over the volume.
 
 The data come from ``benchmarks/pack_acdc_3d.py`` (uint8 images, in memory; the trainer's
 ``build_dataset`` is replaced by the in-memory split), so the machine needs neither the ACDC files
 nor SimpleITK. Results go to ``--out`` (``results.json``, the stages' ``log.csv``).
 
     python benchmarks/pack_acdc_3d.py --output .gpu                     # here
-    PYTHONPATH=.gpu/stubs:src python benchmarks/gpu_3d_budget.py --data .gpu/acdc3d.xz --out results
+    PYTHONPATH=.gpu/stubs:src python benchmarks/gpu_budget.py --data .gpu/acdc3d.xz --out results
     # --smoke: a CPU dry run on (32, 64, 64) crops with a few steps per stage
 """
 from __future__ import annotations
@@ -39,7 +47,11 @@ parser.add_argument("--data", default=".gpu/acdc3d.xz", help="benchmarks/pack_ac
 parser.add_argument("--runs", default="/tmp/gpu_runs", help="where the stages write checkpoints and models")
 parser.add_argument("--smoke", action="store_true", help="CPU dry run: cropped (32, 64, 64) volumes, few steps")
 parser.add_argument("--repeats", type=int, default=10)
-parser.add_argument("--skip-timings", action="store_true")
+parser.add_argument("--phases", nargs="+", default=["timings_3d", "timings_2d", "teacher_3d", "diffusion_3d",
+                                                     "evaluate_3d"])
+parser.add_argument("--finetune-s", type=float, default=240.0)
+parser.add_argument("--finetune-batch", type=int, default=64)
+parser.add_argument("--ddpm-steps", type=int, default=2000, help="DDPM sampling steps (2000: the full chain)")
 args = parser.parse_args()
 OUT = Path(args.out)
 OUT.mkdir(parents=True, exist_ok=True)
@@ -118,8 +130,21 @@ from diffusereg.pipelines import DiffuseRegPipeline  # noqa: E402
 from diffusereg.training.config import DiffusionConfig, TeacherConfig, load_config  # noqa: E402
 
 
+def labelled_slices(volumes):
+    """2D items of the slices where either frame holds a label (``skip_empty_slices``)."""
+    items = []
+    for item in volumes:
+        for d in range(item["fixed"].shape[1]):
+            if item["fixed_labels"][0, d].any() or item["moving_labels"][0, d].any():
+                items.append({**{key: item[key][:, d] for key in ("fixed", "moving", "fixed_labels", "moving_labels")},
+                              "patient": item["patient"], "group": item["group"], "slice": d})
+    return items
+
+
 def in_memory_dataset(data, split, max_items=None):
     chosen = TRAIN if split == "train" else VAL
+    if data.spatial_dims == 2:
+        chosen = labelled_slices(chosen)
     return Items(chosen if max_items is None else chosen[:max_items])
 
 
@@ -128,9 +153,9 @@ for module in (tdata, tdiff, tteach, ttrainer):
 
 
 # ---------------------------------------------------------------- evaluation
-def evaluate(name: str, registrar) -> dict:
+def evaluate(name: str, registrar, cases=None) -> dict:
     rows = []
-    for item in VAL:
+    for item in VAL if cases is None else cases:
         fixed, moving = item["fixed"][0].numpy(), item["moving"][0].numpy()
         sync()
         started = time.perf_counter()
@@ -317,12 +342,83 @@ def evaluate_3d():
         evaluate(f"diffusereg3d_ddim{steps}", pipeline_registrar(pipe, steps))
 
 
-if not args.skip_timings:
-    timings_3d()
-    timings_2d()
-teacher_3d()
-diffusion_3d()
-evaluate_3d()
+# ---------------------------------------------------------------- 4. the shipped 2D model, fine-tuned
+SHIPPED_2D = "diffusereg/acdc-2d"
+
+
+@phase("finetune_2d")
+def finetune_2d():
+    from diffusereg.hub import resolve_model
+    teacher_dir = Path(args.runs) / "teacher_2d"  # the shipped teacher in a stage-1 layout
+    teacher_dir.mkdir(parents=True, exist_ok=True)
+    shipped_teacher = Path(resolve_model(SHIPPED_2D)) / "teacher"
+    (teacher_dir / "field_stats.json").write_bytes((shipped_teacher / "field_stats.json").read_bytes())
+    if not (teacher_dir / "teacher").exists():
+        (teacher_dir / "teacher").symlink_to(shipped_teacher.resolve())
+    config = load_config("configs/diffusion_2d_cpu.yaml", DiffusionConfig)
+    config.model, config.init_weights = {}, SHIPPED_2D
+    config.teacher, config.phi0_source = str(teacher_dir), "teacher"
+    config.train.output_dir = f"{args.runs}/finetune_2d"
+    config.data.num_workers = 0
+    config.data.batch_size = args.finetune_batch
+    config.optim.lr = 1e-4  # the paper's rate; the CPU run ended its cosine at 1e-6
+    config.optim.warmup_steps = 20
+    config.optim.ema_decay = 0.995  # a horizon of ~200 steps: a few minutes of training
+    config.train.mixed_precision = "bf16" if DEVICE.type == "cuda" else "no"
+    config.train.log_every = 25
+    RESULTS["finetune_2d_slices"] = len(labelled_slices(TRAIN))
+    train_stage(DiffusionConfig, config, min(args.finetune_s, left() - 150), probe_steps=6 if args.smoke else 15)
+    (OUT / "finetune_2d_log.csv").write_bytes(Path(config.train.output_dir, "log.csv").read_bytes())
+    tuned = DiffuseRegPipeline.from_pretrained(f"{args.runs}/finetune_2d/pipeline")
+    tuned.denoiser.to(torch.float16)
+    tuned.save_pretrained(OUT / "tuned_2d")
+
+
+def pipeline_2d(name: str) -> DiffuseRegPipeline:
+    path = SHIPPED_2D if name == "shipped" else f"{args.runs}/finetune_2d/pipeline"
+    pipe = DiffuseRegPipeline.from_pretrained(path).to(DEVICE)
+    pipe.denoiser.to(torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@phase("evaluate_2d")
+def evaluate_2d():
+    for name in ("tuned", "shipped"):
+        pipe = pipeline_2d(name)
+        for steps in (1, 5, 10):
+            evaluate(f"{name}2d_ddim{steps}", pipeline_registrar(pipe, steps))
+
+
+@phase("ddpm_2d")
+def ddpm_2d():
+    scores = {name: RESULTS.get("evaluation", {}).get(f"{name}2d_ddim10", {}).get("summary", {}).get("Dice_Overall", -1)
+              for name in ("tuned", "shipped")}
+    name = max(scores, key=scores.get)
+    pipe = pipeline_2d(name)
+    den, x = pipe.denoiser, VAL[0]["fixed"][0].to(DEVICE)[:, None]
+    t = torch.full((x.shape[0],), 500, device=DEVICE, dtype=torch.long)
+    with torch.no_grad():
+        cond = den.encode_condition(x, x)
+    forward_s = forward_seconds(lambda f, s: den(f, s, condition=cond),
+                                (torch.zeros(x.shape[0], 2, *x.shape[2:], device=DEVICE), t), repeats=args.repeats)
+    register = pipeline_registrar(pipe, args.ddpm_steps, scheduler="ddpm")
+    record = RESULTS["ddpm_2d"] = {"model": name, "steps": args.ddpm_steps, "forward_s_per_volume": forward_s,
+                                   "rows": []}
+    for item in VAL:
+        expected = args.ddpm_steps * forward_s * 1.3 + 5
+        if left() < expected:
+            log(f"ddpm: {left():.0f} s left, a case needs ~{expected:.0f} s: stop")
+            break
+        record["rows"].append({"case": item["patient"], **evaluate(f"ddpm_{item['patient']}", register, [item])})
+        save()
+
+
+PHASES = {"timings_3d": timings_3d, "timings_2d": timings_2d, "teacher_3d": teacher_3d,
+          "diffusion_3d": diffusion_3d, "evaluate_3d": evaluate_3d, "finetune_2d": finetune_2d,
+          "evaluate_2d": evaluate_2d, "ddpm_2d": ddpm_2d}
+for name in args.phases:
+    PHASES[name]()
 RESULTS["total_s"] = time.monotonic() - START
 save()
 log("done")

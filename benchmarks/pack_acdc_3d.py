@@ -6,9 +6,9 @@ groups, and writes into ``--output``:
 
 - ``acdc3d.xz``: images quantised to uint8 (steps of 1/255 of the [0, 1] range) stored as
   wrap-around differences along depth (they compress ~15 % better), uint8 labels, patient names
-  and groups; lzma, read with `numpy.load` (no pickle). 70 patients: 23 MB.
+  and groups; lzma, read with `numpy.load` (no pickle). 70 patients: about 30 MB.
 - ``stubs/SimpleITK`` and ``stubs/nibabel``: import-time stand-ins (any use raises), so that
-  ``diffusereg`` imports where those packages are missing; ``benchmarks/gpu_3d_budget.py`` never
+  ``diffusereg`` imports where those packages are missing; ``benchmarks/gpu_budget.py`` never
   reads or writes image files.
 
 Usage: ``python benchmarks/pack_acdc_3d.py --acdc ../shared/data/acdc/training --output .gpu``
