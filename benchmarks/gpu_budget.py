@@ -52,6 +52,9 @@ parser.add_argument("--phases", nargs="+", default=["timings_3d", "timings_2d", 
 parser.add_argument("--finetune-s", type=float, default=240.0)
 parser.add_argument("--finetune-batch", type=int, default=64)
 parser.add_argument("--ddpm-steps", type=int, default=2000, help="DDPM sampling steps (2000: the full chain)")
+parser.add_argument("--ddpm-model", choices=("best", "shipped", "tuned"), default="best",
+                    help="model sampled by ddpm_2d; best: the higher DDIM 10 Overall of evaluate_2d")
+parser.add_argument("--val-patients", nargs="+", help="only these validation patients (e.g. patient040)")
 args = parser.parse_args()
 OUT = Path(args.out)
 OUT.mkdir(parents=True, exist_ok=True)
@@ -114,6 +117,8 @@ class Items(torch.utils.data.Dataset):
 
 
 TRAIN, VAL = load_data(args.data)
+if args.val_patients:
+    VAL = [item for item in VAL if item["patient"] in args.val_patients]
 VAL = VAL[: args.val_cases]
 RESULTS["data"] = {"train_patients": len(TRAIN), "val_patients": [v["patient"] for v in VAL],
                    "images": "uint8-quantised model-grid volumes (32, 128, 128)"}
@@ -392,9 +397,11 @@ def evaluate_2d():
 
 @phase("ddpm_2d")
 def ddpm_2d():
-    scores = {name: RESULTS.get("evaluation", {}).get(f"{name}2d_ddim10", {}).get("summary", {}).get("Dice_Overall", -1)
-              for name in ("tuned", "shipped")}
-    name = max(scores, key=scores.get)
+    name = args.ddpm_model
+    if name == "best":
+        evaluation = RESULTS.get("evaluation", {})
+        scores = {name: evaluation[f"{name}2d_ddim10"]["summary"]["Dice_Overall"] for name in ("tuned", "shipped")}
+        name = max(scores, key=scores.get)
     pipe = pipeline_2d(name)
     den, x = pipe.denoiser, VAL[0]["fixed"][0].to(DEVICE)[:, None]
     t = torch.full((x.shape[0],), 500, device=DEVICE, dtype=torch.long)
