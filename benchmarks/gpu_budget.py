@@ -5,9 +5,9 @@
   memory); the shipped 2D pipeline on the validation volumes (Dice, seconds per case);
 - ``teacher_3d``, ``diffusion_3d``, ``evaluate_3d``: the 3D teacher, then the 3D denoiser
   (clean-field prediction) on its fields, both scored on the validation patients;
-- ``finetune_2d``, ``evaluate_2d``, ``ddpm_2d``: the shipped 2D denoiser fine-tuned
-  (``init_weights``) on the training slices with the shipped teacher run on every batch, saved in
-  float16 to ``--out/tuned_2d``; shipped and fine-tuned scored at DDIM 1 / 5 / 10; then the
+- ``finetune_2d``, ``evaluate_2d``, ``ddpm_2d``: a 2D denoiser (``--finetune-init``, by default the
+  shipped one) fine-tuned as ``configs/finetune_2d_gpu.yaml`` says on the training slices, with
+  the shipped teacher run on every batch, saved in float16 to ``--out/tuned_2d``; shipped and fine-tuned scored at DDIM 1 / 5 / 10; then the
   better of the two (DDIM 10 Overall) sampled with DDPM over all 2000 steps on as many
   validation patients as the budget allows.
 
@@ -50,7 +50,9 @@ parser.add_argument("--repeats", type=int, default=10)
 parser.add_argument("--phases", nargs="+", default=["timings_3d", "timings_2d", "teacher_3d", "diffusion_3d",
                                                      "evaluate_3d"])
 parser.add_argument("--finetune-s", type=float, default=240.0)
-parser.add_argument("--finetune-batch", type=int, default=64)
+parser.add_argument("--finetune-init", default="diffusereg/acdc-2d",
+                    help="pipeline finetune_2d starts from (run 3 started from the first release, then the shipped model)")
+parser.add_argument("--finetune-batch", type=int, help="override the config's batch size")
 parser.add_argument("--ddpm-steps", type=int, default=2000, help="DDPM sampling steps (2000: the full chain)")
 parser.add_argument("--ddpm-model", choices=("best", "shipped", "tuned"), default="best",
                     help="model sampled by ddpm_2d; best: the higher DDIM 10 Overall of evaluate_2d")
@@ -353,6 +355,7 @@ SHIPPED_2D = "diffusereg/acdc-2d"
 
 @phase("finetune_2d")
 def finetune_2d():
+    """``configs/finetune_2d_gpu.yaml`` from ``--finetune-init``, for the steps that fit the budget."""
     from diffusereg.hub import resolve_model
     teacher_dir = Path(args.runs) / "teacher_2d"  # the shipped teacher in a stage-1 layout
     teacher_dir.mkdir(parents=True, exist_ok=True)
@@ -360,17 +363,14 @@ def finetune_2d():
     (teacher_dir / "field_stats.json").write_bytes((shipped_teacher / "field_stats.json").read_bytes())
     if not (teacher_dir / "teacher").exists():
         (teacher_dir / "teacher").symlink_to(shipped_teacher.resolve())
-    config = load_config("configs/diffusion_2d_cpu.yaml", DiffusionConfig)
-    config.model, config.init_weights = {}, SHIPPED_2D
-    config.teacher, config.phi0_source = str(teacher_dir), "teacher"
+    config = load_config("configs/finetune_2d_gpu.yaml", DiffusionConfig)
+    config.init_weights, config.teacher = args.finetune_init, str(teacher_dir)
     config.train.output_dir = f"{args.runs}/finetune_2d"
     config.data.num_workers = 0
-    config.data.batch_size = args.finetune_batch
-    config.optim.lr = 1e-4  # the paper's rate; the CPU run ended its cosine at 1e-6
-    config.optim.warmup_steps = 20
-    config.optim.ema_decay = 0.995  # a horizon of ~200 steps: a few minutes of training
-    config.train.mixed_precision = "bf16" if DEVICE.type == "cuda" else "no"
-    config.train.log_every = 25
+    if args.finetune_batch is not None:
+        config.data.batch_size = args.finetune_batch
+    if DEVICE.type != "cuda":
+        config.train.mixed_precision = "no"
     RESULTS["finetune_2d_slices"] = len(labelled_slices(TRAIN))
     train_stage(DiffusionConfig, config, min(args.finetune_s, left() - 150), probe_steps=6 if args.smoke else 15)
     (OUT / "finetune_2d_log.csv").write_bytes(Path(config.train.output_dir, "log.csv").read_bytes())
