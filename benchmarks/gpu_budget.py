@@ -400,6 +400,9 @@ def ddpm_2d():
     name = args.ddpm_model
     if name == "best":
         evaluation = RESULTS.get("evaluation", {})
+        if not {"tuned2d_ddim10", "shipped2d_ddim10"} <= set(evaluation):
+            raise RuntimeError("--ddpm-model best compares the evaluate_2d scores: run that phase first, "
+                               "or name the model (--ddpm-model shipped / tuned)")
         scores = {name: evaluation[f"{name}2d_ddim10"]["summary"]["Dice_Overall"] for name in ("tuned", "shipped")}
         name = max(scores, key=scores.get)
     pipe = pipeline_2d(name)
