@@ -35,9 +35,8 @@ from diffusereg.callbacks import EarlyStopping
 from diffusereg.data import ACDCDataset
 from diffusereg.evaluation import (RegistrationResult, Registrar, evaluate, identity_registrar, pipeline_registrar,
                                    summary_markdown, teacher_registrar, write_evaluation)
-from diffusereg.hub import resolve_model
-from diffusereg.models import RegistrationNet
 from diffusereg.pipelines import DiffuseRegPipeline
+from diffusereg.registration import ModelNotFoundError, load_teacher
 
 
 def ants_syn_registrar(axis_spacing: tuple[float, ...], threads: int) -> Registrar | None:
@@ -117,9 +116,11 @@ def main() -> None:
 
     methods: dict[str, Registrar | None] = {"identity": identity_registrar}
     methods["ANTs SyN"] = ants_syn_registrar(spacing, args.threads) if "ANTs SyN" not in args.skip else None
-    teacher_folder = Path(resolve_model(args.model)) / "teacher"
-    if teacher_folder.is_dir():
-        teacher = teacher_registrar(RegistrationNet.from_pretrained(teacher_folder).eval())
+    try:
+        teacher = teacher_registrar(load_teacher(args.model))
+    except ModelNotFoundError:  # a model without a bundled teacher: no teacher rows
+        teacher = None
+    if teacher is not None:
         methods["teacher (one-shot)"] = teacher
         for strength in args.refine_strengths:
             methods[f"teacher + DDIM {args.refine_steps} from strength {strength:g}"] = pipeline_registrar(

@@ -506,7 +506,7 @@ class DiffuseRegPipeline(DiffusionPipeline):
         if init_field is None:
             field_t = noise * sampler.init_noise_sigma
         else:  # as diffusers' image-to-image pipelines: run the last `strength` part of the schedule
-            start = num_inference_steps - max(1, min(round(num_inference_steps * strength), num_inference_steps))
+            start = num_inference_steps - max(1, round(num_inference_steps * strength))  # strength <= 1
             timesteps = timesteps[start:]
             init_z = (self._field_to_model_layout(init_field, batch).to(device) - mean) / std
             field_t = sampler.add_noise(init_z.repeat_interleave(num_samples, dim=0), noise, timesteps[:1])
