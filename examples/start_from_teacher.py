@@ -22,7 +22,8 @@ from diffusereg import DiffuseRegPipeline
 from diffusereg.evaluation import teacher_registrar
 from diffusereg.metrics import njd_percent
 from diffusereg.phantom import cardiac_phantom
-from diffusereg.registration import load_teacher, structure_dice
+from diffusereg.metrics import structure_dice
+from diffusereg.registration import load_teacher
 
 
 def main() -> None:

@@ -210,3 +210,31 @@ def test_register_can_start_from_the_models_teacher(coarse_tiny_model: Path, pha
     assert metrics["steps_run"] == 2 and metrics["start_from_teacher"] == 0.5
     assert main([*arguments[:-1], "1.5"]) == 2
     assert "--start-from-teacher must be in (0, 1], got 1.5" in capsys.readouterr().err
+
+
+HELP_COMMANDS = [[], ["--help"], ["register", "--help"], ["apply", "--help"], ["demo", "--help"],
+                 ["evaluate", "--help"], ["watch", "--help"], ["train", "--help"], ["train", "teacher", "--help"],
+                 ["train", "diffusion", "--help"]]
+
+
+@pytest.mark.parametrize("argv", HELP_COMMANDS, ids=lambda argv: " ".join(argv) or "no arguments")
+def test_help_of_every_command(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """The first thing people type: usage on stdout, exit code 0, for the bare command too."""
+    if argv:
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        assert stopped.value.code == 0
+    else:
+        assert main([]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("usage: diffusereg") and ("COMMAND" in shown or "options:" in shown), shown
+
+
+def test_help_imports_no_torch() -> None:
+    """``diffusereg --help`` builds the whole parser without importing torch (a separate process)."""
+    code = ("import sys\nfrom diffusereg.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "for argv in (['train', 'diffusion', '--help'], ['apply', '--help']):\n    try:\n        main(argv)\n"
+            "    except SystemExit:\n        pass\nprint('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False"

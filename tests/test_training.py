@@ -5,7 +5,6 @@ Tiny models on coarse slices (32 x 32 at 6 mm in-plane) keep the file fast on a 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -39,7 +38,8 @@ from diffusereg.training import (
     load_config,
     registration_loss,
 )
-from diffusereg.training.cli import apply_overrides, register
+from diffusereg.cli import build_parser
+from diffusereg.training.cli import apply_overrides
 from diffusereg.training.config import AugmentConfig, config_to_dict
 from diffusereg.training.trainer import cosine_schedule, stretch_cosine
 from diffusereg.training.data import augment_batch, build_augmentation, build_dataset, pair_ids
@@ -162,8 +162,7 @@ def test_config_errors(tmp_path: Path) -> None:
 
 
 def test_cli_overrides(tmp_path: Path) -> None:
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     args = parser.parse_args(["train", "diffusion", "--config", "c.yaml", "--data", str(tmp_path),
                               "--output", "out", "--max-steps", "7", "--teacher", "t"])
     config = DiffusionConfig()

@@ -1,15 +1,17 @@
-"""The ``diffusereg`` command line: ``register``, ``demo``, ``evaluate``, ``watch`` and ``train``.
+"""The ``diffusereg`` command line: ``register``, ``apply``, ``demo``, ``evaluate``, ``watch`` and ``train``.
 
 Handlers import the heavy modules (torch, the pipeline) when they run, so ``diffusereg --help``
 builds its parser without them. Exit codes: 0 success, 2 bad input (one-line message on stderr,
 ``diffusereg COMMAND: error: ...``), 130 interrupted (Ctrl+C); anything else is a bug and shows
-its traceback.
+its traceback. Warnings about implausible inputs are printed as one line each,
+``diffusereg COMMAND: warning: ...``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -59,15 +61,15 @@ def _pair_arguments() -> argparse.ArgumentParser:
     arguments = argparse.ArgumentParser(add_help=False)
     arguments.add_argument("fixed", nargs="?", type=Path, metavar="FIXED", help="fixed image (defines the output grid)")
     arguments.add_argument("moving", nargs="?", type=Path, metavar="MOVING", help="moving image")
-    arguments.add_argument("--fixed-labels", type=Path, metavar="SEG", help="label map of the fixed image")
-    arguments.add_argument("--moving-labels", type=Path, metavar="SEG", help="label map of the moving image")
+    arguments.add_argument("--fixed-labels", type=Path, metavar="SEG",
+                           help="label map of the fixed image (with --moving-labels: Dice before and after)")
+    arguments.add_argument("--moving-labels", type=Path, metavar="SEG",
+                           help="label map of the moving image, warped onto the fixed image (warped_labels.nii.gz)")
     return arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``diffusereg`` with its subcommands."""
-    from diffusereg.training.cli import register as add_train_command
-
     parser = argparse.ArgumentParser(
         prog="diffusereg",
         description="Deformable image registration by denoising diffusion of the deformation field.",
@@ -91,6 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
                                "instead of FIXED MOVING; split over processes under `accelerate launch`")
     register.set_defaults(handler=_run_register)
 
+    apply = commands.add_parser(
+        "apply", help="warp another image or label map with a saved field",
+        description="Warp IMAGE (any image or label map in the moving image's space, on its own grid) with FIELD (the "
+                    "field.h5 or field.nii.gz that `diffusereg register` wrote) and write it on the fixed image's grid, "
+                    "exactly as register warped its own outputs. OUT is an image file, or a folder that receives "
+                    "warped.nii.gz (warped_labels.nii.gz with --labels).")
+    apply.add_argument("field", type=Path, metavar="FIELD", help="field.h5 or field.nii.gz of a registration")
+    apply.add_argument("image", type=Path, metavar="IMAGE", help="image or label map to warp")
+    apply.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="output image file or folder")
+    apply.add_argument("--labels", action="store_true",
+                       help="IMAGE is a label map: nearest neighbour, integer values kept (default: linear)")
+    apply.set_defaults(handler=_run_apply)
+
     demo = commands.add_parser(
         "demo", parents=[sampling, start], help="register a built-in cardiac phantom (or an ACDC patient) and print Dice",
         description="Register end-systole to end-diastole of a cardiac cine-MR phantom generated in code (or, with "
@@ -102,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_run_demo, save_trajectory=True)
 
     evaluate = commands.add_parser(
-        "evaluate", parents=[sampling, start], help="score a model on ACDC-like data (Dice, NJD %, JSD, HD95, time)",
+        "evaluate", parents=[sampling, start], help="score a model on ACDC-like data (Dice, NJD %%, JSD, HD95, time)",
         description="Register ES (moving) to ED (fixed) for every patient of an ACDC-like folder (patientNNN/Info.cfg, "
                     "frames and _gt labels) on the paper's model grid, and write OUTDIR/cases.csv (one row per case), "
                     "OUTDIR/summary.json and OUTDIR/summary.md.")
@@ -130,8 +145,33 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860; 0: any free port)")
     watch.set_defaults(handler=_run_watch)
 
-    add_train_command(commands)
+    _add_train_command(commands)
     return parser
+
+
+def _add_train_command(commands: argparse._SubParsersAction) -> None:
+    """``train teacher`` and ``train diffusion`` (handlers in :mod:`diffusereg.training.cli`)."""
+    train = commands.add_parser("train", help="train the teacher (stage 1) or the diffusion model (stage 2)",
+                                description="Train DiffuseReg's two stages on Accelerate (see docs/training.md).")
+    stages = train.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    teacher = stages.add_parser("teacher", help="stage 1: one-shot registration network, phi0 cache, field statistics")
+    diffusion = stages.add_parser("diffusion", help="stage 2: the denoiser, saved as a DiffuseRegPipeline")
+    for parser in (teacher, diffusion):
+        parser.add_argument("--config", required=True, type=Path, help="YAML config file (see configs/)")
+        parser.add_argument("--resume", action="store_true",
+                            help="continue from the newest checkpoint in the output directory")
+        parser.add_argument("--output", type=Path, help="output directory (overrides train.output_dir)")
+        parser.add_argument("--data", type=Path,
+                            help="ACDC training folder (overrides data.acdc_root) or a CSV/JSON pair list (data.pairs)")
+        parser.add_argument("--max-steps", type=int, help="overrides train.max_steps (the length of the LR schedule)")
+        parser.set_defaults(handler=_run_train)
+    diffusion.add_argument("--teacher", type=Path, help="teacher output directory (overrides the config's teacher)")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from diffusereg.training.cli import run
+
+    return run(args)
 
 
 def _settings(args: argparse.Namespace) -> RegistrationSettings:
@@ -163,12 +203,14 @@ def _device(args: argparse.Namespace) -> str:
 
 
 def _summary(metrics: dict[str, Any], output_dir: Path) -> str:
-    """One line about a finished registration."""
-    text = f"{output_dir}: {metrics['steps_run']} steps in {metrics['time_seconds']:.1f} s"
+    """What a finished registration reports: a Dice table (with both label maps), then one line."""
+    table = ""
     if "dice_after" in metrics:
-        key = "Overall" if "Overall" in metrics["dice_after"] else next(iter(metrics["dice_after"]))
-        text += f", Dice {key} {metrics['dice_before'][key]:.3f} -> {metrics['dice_after'][key]:.3f}"
-    return text + f", folding {metrics['NJD_percent']:.2f} % of voxels"
+        rows = [f"{'Dice':<8}{'before':>8}{'after':>8}"] + [
+            f"{name:<8}{metrics['dice_before'][name]:>8.3f}{after:>8.3f}" for name, after in metrics["dice_after"].items()]
+        table = "\n".join(rows) + "\n"
+    return (table + f"{output_dir}: {metrics['steps_run']} steps in {metrics['time_seconds']:.1f} s, "
+            f"folding {metrics['NJD_percent']:.2f} % of voxels")
 
 
 def _run_register(args: argparse.Namespace) -> int:
@@ -201,6 +243,14 @@ def _run_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_apply(args: argparse.Namespace) -> int:
+    from diffusereg.registration import apply_field
+
+    written = apply_field(args.field, args.image, args.output, labels=args.labels)
+    print(f"{written}: {args.image} warped by {args.field} ({'labels, nearest neighbour' if args.labels else 'linear'})")
+    return 0
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from diffusereg.registration import load_pipeline, register_pair
 
@@ -220,9 +270,6 @@ def _run_demo(args: argparse.Namespace) -> int:
     metrics = register_pair(pipe, inputs.fixed, inputs.moving, args.output, settings, fixed_labels=inputs.fixed_labels,
                             moving_labels=inputs.moving_labels, model_name=args.model,
                             teacher=_teacher(args, settings, pipe.device))
-    print(f"{'Dice':<8}{'before':>8}{'after':>8}")
-    for structure, after in metrics["dice_after"].items():
-        print(f"{structure:<8}{metrics['dice_before'][structure]:>8.3f}{after:>8.3f}")
     print(_summary(metrics, args.output))
     return 0
 
@@ -294,6 +341,15 @@ def _run_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_warnings_as_lines(command: str) -> None:
+    """Print diffusereg's input warnings as ``diffusereg COMMAND: warning: MESSAGE`` on stderr."""
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        print(f"diffusereg {command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    warnings.showwarning = show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``diffusereg`` console script; returns the exit code."""
     parser = build_parser()
@@ -303,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "train":  # the training CLI reports its own errors
         return int(args.handler(args))
+    _show_warnings_as_lines(args.command)
     try:
         return int(args.handler(args))
     except (ValueError, OSError) as error:  # bad input: image/model/list errors all name their cause

@@ -38,9 +38,12 @@ __all__ = [
     "ImageError",
     "ImageReadError",
     "InvalidImageError",
+    "displacement_transform",
     "read_displacement_field",
+    "read_displacement_transform",
     "read_grid",
     "read_image",
+    "transform_grid",
     "validate_image",
     "write_atomically",
     "write_displacement_field",
@@ -418,42 +421,91 @@ def _grid_of(reference: Image | Grid) -> Grid:
     return reference.grid if isinstance(reference, Image) else reference
 
 
-def write_displacement_field(
-    field: np.ndarray, reference: Image | Grid, path: str | os.PathLike, *, overwrite: bool = True
-) -> None:
-    """Write a displacement field in physical units on the reference image's grid, atomically.
+def displacement_transform(field: np.ndarray, reference: Image | Grid) -> sitk.DisplacementFieldTransform:
+    """The ITK transform ``T(x) = x + d(x)`` of a displacement field on ``reference``'s grid.
 
     Args:
         field: displacement in voxels of ``reference``'s grid, shape ``(ndim, *S)`` with
-            ``S = reference.array.shape``; channel ``i`` moves along array axis ``i``.
-        reference: the fixed image (or its grid); the file gets its spacing, origin and direction.
-        path: ``.nii``/``.nii.gz``/``.mha``/``.mhd``/``.nrrd`` for a float64 vector image, or
-            ``.h5``/``.hdf5`` for an ITK ``DisplacementFieldTransform``.
+            ``S = reference.shape``; channel ``i`` moves along array axis ``i``.
+        reference: the fixed image (or its grid).
 
-    The stored vectors are world displacements in mm, ITK ``(x, y, z)`` component order
-    (``direction @ (spacing * index_displacement)``). With ITK semantics ``T(x) = x + d(x)``,
-    ``sitk.Resample(moving, reference, T)`` gives ``moving(x + d(x))``, the same pull warp as
-    diffusereg's ``warp(moving, field)``.
+    The transform holds world displacements in mm, ITK ``(x, y, z)`` component order
+    (``direction @ (spacing * index_displacement)``), float64. ``sitk.Resample(moving, reference,
+    T)`` gives ``moving(x + d(x))``, the same pull warp as diffusereg's ``warp(moving, field)``.
+
+    Raises:
+        ValueError: the field's shape does not fit the grid, or it has non-finite values.
     """
-    path = Path(path)
     field = np.asarray(field)
     grid = _grid_of(reference)
     if field.shape != (grid.ndim, *grid.shape):
         raise ValueError(f"field shape {field.shape} does not match (ndim, *S) = {(grid.ndim, *grid.shape)}")
     if not np.all(np.isfinite(field)):
-        raise ValueError(f"{path}: the displacement field has non-finite values")
-    vector_image = grid.apply_to(sitk.GetImageFromArray(_field_to_world(field, grid), isVector=True))
+        raise ValueError("the displacement field has non-finite values")
+    vectors = grid.apply_to(sitk.GetImageFromArray(_field_to_world(field, grid), isVector=True))
+    return sitk.DisplacementFieldTransform(vectors)
+
+
+def transform_grid(transform: sitk.DisplacementFieldTransform) -> Grid:
+    """The grid a displacement field transform is defined on (for a registration: the fixed grid)."""
+    return Grid.from_sitk(transform.GetDisplacementField())
+
+
+def write_displacement_field(
+    field: np.ndarray | sitk.DisplacementFieldTransform, reference: Image | Grid | None, path: str | os.PathLike, *,
+    overwrite: bool = True,
+) -> None:
+    """Write a displacement field in physical units on the reference image's grid, atomically.
+
+    Args:
+        field: displacement in voxels of ``reference``'s grid ``(ndim, *S)`` (see
+            :func:`displacement_transform`), or the transform itself (``reference`` is then None).
+        reference: the fixed image (or its grid); the file gets its spacing, origin and direction.
+        path: ``.nii``/``.nii.gz``/``.mha``/``.mhd``/``.nrrd`` for a float64 vector image of the
+            world displacements (mm), or ``.h5``/``.hdf5`` for an ITK ``DisplacementFieldTransform``.
+    """
+    path = Path(path)
     suffix = _suffix(path)
-    if suffix in FIELD_TRANSFORM_SUFFIXES:
-        transform = sitk.DisplacementFieldTransform(vector_image)
-        write_atomically(path, lambda tmp: sitk.WriteTransform(transform, str(tmp)), overwrite)
-    elif suffix in IMAGE_SUFFIXES:
-        write_atomically(path, lambda tmp: sitk.WriteImage(vector_image, str(tmp), True), overwrite)
-    else:
+    if suffix not in FIELD_TRANSFORM_SUFFIXES + IMAGE_SUFFIXES:
         raise ValueError(
             f"{path}: unsupported extension for a displacement field; expected one of "
             f"{', '.join(IMAGE_SUFFIXES + FIELD_TRANSFORM_SUFFIXES)}"
         )
+    try:
+        transform = field if isinstance(field, sitk.DisplacementFieldTransform) else displacement_transform(field, reference)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    if suffix in FIELD_TRANSFORM_SUFFIXES:
+        write_atomically(path, lambda tmp: sitk.WriteTransform(transform, str(tmp)), overwrite)
+    else:
+        vectors = transform.GetDisplacementField()
+        write_atomically(path, lambda tmp: sitk.WriteImage(vectors, str(tmp), True), overwrite)
+
+
+def read_displacement_transform(path: str | os.PathLike) -> sitk.DisplacementFieldTransform:
+    """Read a displacement field file (``.h5``/``.hdf5`` ITK transform, or a vector image) as a transform.
+
+    Raises:
+        ImageReadError: the file is missing, unreadable, or not a displacement field transform.
+        InvalidImageError: a vector image without one component per dimension.
+    """
+    path = Path(path)
+    _check_readable(path, IMAGE_SUFFIXES + FIELD_TRANSFORM_SUFFIXES)
+    if _suffix(path) in FIELD_TRANSFORM_SUFFIXES:
+        try:
+            transform = sitk.ReadTransform(str(path))
+        except RuntimeError as error:
+            raise ImageReadError(f"{path}: cannot be read as an ITK transform ({_itk_reason(error, path)})") from error
+        if transform.GetName() != "DisplacementFieldTransform":
+            raise ImageReadError(f"{path}: holds a {transform.GetName()}, not a displacement field transform")
+        return sitk.DisplacementFieldTransform(transform)
+    vectors = _read_sitk(path)
+    if vectors.GetNumberOfComponentsPerPixel() != vectors.GetDimension():
+        raise InvalidImageError(
+            f"{path}: has {vectors.GetNumberOfComponentsPerPixel()} components per voxel; "
+            f"a {vectors.GetDimension()}D displacement field needs {vectors.GetDimension()}"
+        )
+    return sitk.DisplacementFieldTransform(sitk.Cast(vectors, sitk.sitkVectorFloat64))
 
 
 def read_displacement_field(path: str | os.PathLike, reference: Image | Grid) -> np.ndarray:
@@ -466,21 +518,7 @@ def read_displacement_field(path: str | os.PathLike, reference: Image | Grid) ->
     Returns:
         float64 displacement in voxels of ``reference``, shape ``(ndim, *S)``.
     """
-    path = Path(path)
-    _check_readable(path, IMAGE_SUFFIXES + FIELD_TRANSFORM_SUFFIXES)
-    if _suffix(path) in FIELD_TRANSFORM_SUFFIXES:
-        try:
-            transform = sitk.ReadTransform(str(path))
-        except RuntimeError as error:
-            raise ImageReadError(f"{path}: cannot be read as an ITK transform ({_itk_reason(error, path)})") from error
-    else:
-        vector_image = _read_sitk(path)
-        if vector_image.GetNumberOfComponentsPerPixel() != vector_image.GetDimension():
-            raise InvalidImageError(
-                f"{path}: has {vector_image.GetNumberOfComponentsPerPixel()} components per voxel; "
-                f"a {vector_image.GetDimension()}D displacement field needs {vector_image.GetDimension()}"
-            )
-        transform = sitk.DisplacementFieldTransform(sitk.Cast(vector_image, sitk.sitkVectorFloat64))
+    transform = read_displacement_transform(path)
     grid = _grid_of(reference)
     if transform.GetDimension() != grid.ndim:
         raise InvalidImageError(f"{path}: is a {transform.GetDimension()}D transform, the reference is {grid.ndim}D")

@@ -29,6 +29,7 @@ __all__ = [
     "jacobian_std",
     "njd_percent",
     "sdlogj",
+    "structure_dice",
 ]
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -100,6 +101,15 @@ def acdc_dice(pred_labels: ArrayLike, ref_labels: ArrayLike) -> dict[str, float]
     scores = {name: dice(pred_labels, ref_labels, labels) for name, labels in ACDC_STRUCTURES.items()}
     scores["Overall"] = sum(scores.values()) / len(scores)
     return scores
+
+
+def structure_dice(labels: ArrayLike, reference: ArrayLike) -> dict[str, float]:
+    """Dice of ``labels`` against ``reference`` (integer maps of one shape): per ACDC structure
+    (:func:`acdc_dice`) when both hold only the values 0..3, else per label value (``label_K``)."""
+    values = set(torch.unique(torch.as_tensor(reference)).tolist()) | set(torch.unique(torch.as_tensor(labels)).tolist())
+    if values <= {0, 1, 2, 3}:
+        return acdc_dice(labels, reference)
+    return {f"label_{int(value)}": dice(labels, reference, int(value)) for value in sorted(values - {0})}
 
 
 def hd95(

@@ -1,26 +1,17 @@
-"""Register image files and write every result to a folder (what ``diffusereg register`` does).
+"""Register image files and write every result to a folder (what ``diffusereg register`` does),
+and apply a saved field to another image (``diffusereg apply``).
 
 :func:`register_pair` registers one pair of images of any size, spacing and orientation with a
 :class:`~diffusereg.pipelines.DiffuseRegPipeline` (which preprocesses them to the model grid,
-samples a field there and brings it back to the fixed image's grid) and writes, into one folder,
-files that all overlay the fixed image exactly (its shape, spacing, origin and direction):
+samples a field there and brings it back to the fixed image's grid) and writes the files of
+:mod:`diffusereg.outputs`, which all overlay the fixed image exactly.
 
-- ``warped.nii.gz``: the moving image warped onto the fixed image (float32);
-- ``warped_labels.nii.gz``: the moving labels warped (nearest neighbour), when given;
-- ``field.h5``: the displacement as an ITK ``DisplacementFieldTransform`` (HDF5);
-- ``field.nii.gz``: the same displacement as a vector image (mm, ITK ``x, y, z`` components);
-- ``jacobian.nii.gz``: det of the Jacobian of ``x -> x + u(x)``, central differences (so it has
-  the fixed grid's shape);
-- ``uncertainty.nii.gz``: per-voxel length (mm) of the field's std over samples, when N > 1;
-- ``trajectory.png``, ``trajectory.gif``: the sampling steps (with ``save_trajectory``);
-- ``metrics.json``: Dice, NJD %, JSD, time, steps, model, seed; written last.
-
-Every input is checked before anything is written (:mod:`diffusereg.validation`). Every file is
-written atomically (temporary file, then ``os.replace``); ``metrics.json`` is removed before the
-outputs are written and written after every other file, and a write that fails or is
-interrupted removes the outputs written so far: a folder with a ``metrics.json`` holds a
-finished registration (:func:`is_complete`), which is what makes :func:`register_pair_list`
-resumable.
+Every input is checked before anything is written (:mod:`diffusereg.validation`), and every file
+is written atomically (:mod:`diffusereg.outputs`): a folder with a ``metrics.json`` holds a
+finished registration (:func:`~diffusereg.outputs.is_complete`), which is what makes
+:func:`register_pair_list` resumable. :func:`apply_field` warps any image or label map of the
+moving image's space with a saved ``field.h5`` / ``field.nii.gz``, exactly as the registration
+warped its own outputs.
 """
 
 from __future__ import annotations
@@ -41,12 +32,13 @@ from diffusereg import __version__
 from diffusereg.data import PaperPreprocessing, PairFiles, read_pair_list, resample_to_grid
 from diffusereg.data.preprocessing import ModelGrid
 from diffusereg.guidance import Guide, OrganMaskGuidance, SimilarityGuidance, SmoothnessGuidance
-from diffusereg.io import Image, write_atomically, read_image, write_displacement_field, write_image
-from diffusereg.metrics import acdc_dice, dice, jacobian_std, njd_percent
-from diffusereg.spatial import jacobian_determinant
-from diffusereg.validation import (RegistrationError, WeightsError, check_output_folder, check_pair, check_sources,
-                                   source_name)
-from diffusereg.visualize import save_trajectory_gif, save_trajectory_strip, trajectory_slice
+from diffusereg.io import (IMAGE_SUFFIXES, Image, displacement_transform, read_displacement_transform, read_image,
+                           transform_grid, write_image)
+from diffusereg.metrics import jacobian_std, njd_percent, structure_dice
+from diffusereg.outputs import OUTPUT_NAMES, is_complete, length_mm, write_registration
+from diffusereg.validation import (RegistrationError, WeightsError, check_field_target, check_output_folder, check_pair,
+                                   check_sources, source_name)
+from diffusereg.visualize import TrajectorySlice, trajectory_slice
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -55,37 +47,24 @@ if TYPE_CHECKING:
     from diffusereg.pipelines import DiffuseRegPipeline
 
 __all__ = [
-    "OUTPUT_NAMES",
+    "APPLIED_NAMES",
     "GuidanceSpec",
     "ModelNotFoundError",
     "RegistrationError",
     "RegistrationSettings",
+    "apply_field",
     "check_pair_list",
     "build_guides",
     "check_request",
-    "is_complete",
     "load_pipeline",
     "load_teacher",
     "register_pair",
     "register_pair_list",
     "shown_slice",
-    "structure_dice",
 ]
 
-OUTPUT_NAMES: dict[str, str] = {
-    "warped": "warped.nii.gz",
-    "warped_labels": "warped_labels.nii.gz",
-    "field_transform": "field.h5",
-    "field_image": "field.nii.gz",
-    "jacobian": "jacobian.nii.gz",
-    "uncertainty": "uncertainty.nii.gz",
-    "trajectory_png": "trajectory.png",
-    "trajectory_gif": "trajectory.gif",
-    "metrics": "metrics.json",
-}
-"""File name of every output in the output folder."""
-
-_ACDC_VALUES = {0, 1, 2, 3}
+APPLIED_NAMES: dict[bool, str] = {False: OUTPUT_NAMES["warped"], True: OUTPUT_NAMES["warped_labels"]}
+"""File name :func:`apply_field` writes into an output folder, for an image (False) and a label map (True)."""
 
 
 class ModelNotFoundError(RegistrationError):
@@ -231,49 +210,23 @@ def _sources(fixed: Image | str | os.PathLike, moving: Image | str | os.PathLike
 def check_request(fixed: Image | str | os.PathLike, moving: Image | str | os.PathLike, output_dir: str | os.PathLike,
                   settings: RegistrationSettings, fixed_labels: Image | str | os.PathLike | None = None,
                   moving_labels: Image | str | os.PathLike | None = None) -> None:
-    """Check what can be checked before loading a model or reading a voxel: labels come in pairs,
-    ``organ=`` guides have labels, the input files exist with readable headers and fit in memory
+    """Check what can be checked before loading a model or reading a voxel: fixed labels come with
+    moving labels (moving labels alone are warped, without Dice), ``organ=`` guides have both, the input files exist with readable headers and fit in memory
     (:func:`~diffusereg.validation.check_sources`), and the outputs can be written without
     overwriting an input (:func:`~diffusereg.validation.check_output_folder`).
 
     Raises:
         RegistrationError, diffusereg.io.ImageError: naming the problem, one line.
     """
-    if (fixed_labels is None) != (moving_labels is None):
-        raise RegistrationError("labels: give both --fixed-labels and --moving-labels (Dice compares the warped "
-                                "moving labels with the fixed labels), or neither")
+    if fixed_labels is not None and moving_labels is None:
+        raise RegistrationError("labels: --fixed-labels needs --moving-labels (the moving labels are what is warped; "
+                                "Dice compares them with the fixed labels)")
     organ = next((spec for spec in settings.guidance if spec.kind == "organ"), None)
     if organ is not None and fixed_labels is None:
         raise RegistrationError(f"guidance {organ}: needs --fixed-labels and --moving-labels")
     sources = _sources(fixed, moving, fixed_labels, moving_labels)
     check_sources(sources)
     check_output_folder(output_dir, sources.values(), OUTPUT_NAMES.values())
-
-
-def is_complete(output_dir: str | os.PathLike) -> bool:
-    """True when ``output_dir`` holds a finished registration (its ``metrics.json``, written last)."""
-    return (Path(output_dir) / OUTPUT_NAMES["metrics"]).is_file()
-
-
-def _remove_outputs(output_dir: Path) -> None:
-    """Delete every output of a registration from ``output_dir``, ``metrics.json`` first (from
-    then on the folder is unfinished)."""
-    metrics = OUTPUT_NAMES["metrics"]
-    for name in (metrics, *(name for name in OUTPUT_NAMES.values() if name != metrics)):
-        (output_dir / name).unlink(missing_ok=True)
-
-
-def _write_json(data: dict[str, Any], path: Path) -> None:
-    write_atomically(path, lambda temporary: temporary.write_text(json.dumps(data, indent=2) + "\n"), overwrite=True)
-
-
-def structure_dice(labels: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """Dice of ``labels`` against ``reference`` (integer maps of one shape) per ACDC structure
-    (labels 0..3), else per label value (``label_K``)."""
-    values = {int(v) for v in np.unique(reference)} | {int(v) for v in np.unique(labels)}
-    if values <= _ACDC_VALUES:
-        return acdc_dice(labels, reference)
-    return {f"label_{value}": dice(labels, reference, value) for value in sorted(values - {0})}
 
 
 # ---------------------------------------------------------------------------------- guidance
@@ -315,55 +268,25 @@ def shown_slice(grid: ModelGrid, fixed_labels: np.ndarray | None) -> int:
     return (region.start + region.stop - 1) // 2
 
 
-def _write_trajectory(out: Any, pipe: DiffuseRegPipeline, grid: ModelGrid, fixed: Image, moving: Image,
-                      fixed_labels: np.ndarray | None, settings: RegistrationSettings, output_dir: Path) -> None:
-    """The trajectory strip (PNG) and animation (GIF) of the slice chosen by :func:`shown_slice`."""
+def _trajectory_picture(out: Any, pipe: DiffuseRegPipeline, grid: ModelGrid, fixed: Image, moving: Image,
+                        fixed_labels: np.ndarray | None, settings: RegistrationSettings) -> TrajectorySlice:
+    """The slice chosen by :func:`shown_slice` of the sampling trajectory, with its model-grid images."""
     preprocessing: PaperPreprocessing = pipe.preprocessing
     index = shown_slice(grid, fixed_labels)
 
     def model_slice(array: np.ndarray | None) -> np.ndarray | None:
         return None if array is None else (array if array.ndim == 2 else array[index])
 
-    shown = trajectory_slice(
+    return trajectory_slice(
         out.trajectory, grid.model.axis_spacing, settings.steps, slice_index=index, num_samples=settings.samples,
         fixed=model_slice(preprocessing.to_model_grid(fixed, grid, "image")),
         moving=model_slice(preprocessing.to_model_grid(moving, grid, "image")),
         fixed_labels=model_slice(fixed_labels))
-    save_trajectory_strip(shown, output_dir / OUTPUT_NAMES["trajectory_png"])
-    save_trajectory_gif(shown, output_dir / OUTPUT_NAMES["trajectory_gif"])
-
-
-def _write_images(out: Any, fixed: Image, label_dtype: np.dtype | None, output_dir: Path) -> list[str]:
-    """Write the warped image and labels, the field (two formats), the Jacobian determinant and
-    the uncertainty, all on ``fixed``'s grid; returns the names written."""
-    written = []
-
-    def save(name: str, array: np.ndarray) -> None:
-        write_image(Image.on_grid(array, fixed.grid), output_dir / OUTPUT_NAMES[name])
-        written.append(OUTPUT_NAMES[name])
-
-    save("warped", out.warped.astype(np.float32))
-    if out.warped_labels is not None:
-        save("warped_labels", out.warped_labels.astype(label_dtype))
-    for name in ("field_transform", "field_image"):
-        write_displacement_field(out.field, fixed.grid, output_dir / OUTPUT_NAMES[name])
-        written.append(OUTPUT_NAMES[name])
-    field = torch.from_numpy(np.ascontiguousarray(out.field, dtype=np.float32))[None]
-    save("jacobian", jacobian_determinant(field, method="central")[0].numpy())
-    if out.uncertainty is not None:
-        save("uncertainty", _length_mm(out.uncertainty, fixed))
-    return written
-
-
-def _length_mm(field: np.ndarray, grid_image: Image) -> np.ndarray:
-    """Per-voxel length (mm) of a ``(ndim, *S)`` field given in voxels of ``grid_image``'s grid."""
-    spacing = np.asarray(grid_image.axis_spacing, dtype=np.float32).reshape(-1, *([1] * grid_image.ndim))
-    return np.sqrt(((field * spacing) ** 2).sum(axis=0)).astype(np.float32)
 
 
 def _evaluate(out: Any, fixed: Image, fixed_labels: Image | None, moving_labels: Image | None) -> dict[str, Any]:
-    """Dice before/after (with labels, on the fixed grid), NJD % and JSD (forward differences, as
-    the paper's evaluation), and the largest displacement (mm)."""
+    """Dice before/after (with both label maps, on the fixed grid), NJD % and JSD (forward
+    differences, as the paper's evaluation), and the largest displacement (mm)."""
     metrics: dict[str, Any] = {}
     if fixed_labels is not None and moving_labels is not None:
         reference = resample_to_grid(fixed_labels, fixed.grid, "nearest")
@@ -371,7 +294,7 @@ def _evaluate(out: Any, fixed: Image, fixed_labels: Image | None, moving_labels:
         metrics["dice_after"] = structure_dice(out.warped_labels, reference)
     metrics["NJD_percent"] = njd_percent(out.field)
     metrics["JSD"] = jacobian_std(out.field)
-    metrics["max_displacement_mm"] = float(_length_mm(out.field, fixed).max())
+    metrics["max_displacement_mm"] = float(length_mm(out.field, fixed.grid).max())
     return metrics
 
 
@@ -404,7 +327,8 @@ def register_pair(
         output_dir: the folder for the outputs (created if needed).
         settings: sampling settings.
         fixed_labels, moving_labels: integer label maps on the fixed / moving image's geometry.
-            With both, ``metrics.json`` gets Dice before and after registration (per ACDC
+            Moving labels are warped onto the fixed grid (``warped_labels.nii.gz``); with fixed
+            labels too, ``metrics.json`` gets Dice before and after registration (per ACDC
             structure for labels 0..3), and ``organ=`` guides can be used.
         model_name: how ``metrics.json`` names the model.
         callback_on_step_end: per-step hooks given to the pipeline (see :mod:`diffusereg.callbacks`),
@@ -443,7 +367,8 @@ def register_pair(
 
     grid = pipe.preprocessing.model_grid(fixed_image.grid)
     model_labels = None
-    if fixed_label_image is not None and (settings.save_trajectory or any(g.kind == "organ" for g in settings.guidance)):
+    needs_labels = settings.save_trajectory or any(g.kind == "organ" for g in settings.guidance)
+    if fixed_label_image is not None and needs_labels:
         model_labels = (pipe.preprocessing.to_model_grid(fixed_label_image, grid, "labels"),
                         pipe.preprocessing.to_model_grid(moving_label_image, grid, "labels"))
     all_guides = [*build_guides(settings.guidance, model_labels), *guides]
@@ -455,33 +380,25 @@ def register_pair(
                callback_on_step_end=callback_on_step_end, output_type="np", **start)
     elapsed = time.perf_counter() - started
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    _remove_outputs(output_dir)
-    try:
-        written = _write_images(out, fixed_image,
-                                None if moving_label_image is None else moving_label_image.array.dtype, output_dir)
-        if settings.save_trajectory:
-            _write_trajectory(out, pipe, grid, fixed_image, moving_image,
-                              None if model_labels is None else model_labels[0], settings, output_dir)
-            written += [OUTPUT_NAMES["trajectory_png"], OUTPUT_NAMES["trajectory_gif"]]
-        metrics: dict[str, Any] = {
-            "fixed": _describe(fixed), "moving": _describe(moving),
-            "fixed_labels": _describe(fixed_labels), "moving_labels": _describe(moving_labels),
-            "model": model_name, "scheduler": settings.scheduler, "steps": settings.steps,
-            "steps_run": out.num_steps_run, "samples": settings.samples, "seed": settings.seed,
-            "start_from_teacher": settings.start_from_teacher,
-            "guidance": [*(str(spec) for spec in settings.guidance), *(str(guide) for guide in guides)],
-            "device": str(pipe.device),
-            "time_seconds": round(elapsed, 3),
-            **_evaluate(out, fixed_image, fixed_label_image, moving_label_image),
-            "outputs": [*written, OUTPUT_NAMES["metrics"]],
-            "diffusereg_version": __version__,
-        }
-        _write_json(metrics, output_dir / OUTPUT_NAMES["metrics"])
-    except BaseException:  # KeyboardInterrupt included: no output of an unfinished registration stays
-        _remove_outputs(output_dir)
-        raise
-    return metrics
+    trajectory = None
+    if settings.save_trajectory:
+        trajectory = _trajectory_picture(out, pipe, grid, fixed_image, moving_image,
+                                         None if model_labels is None else model_labels[0], settings)
+    metrics: dict[str, Any] = {
+        "fixed": _describe(fixed), "moving": _describe(moving),
+        "fixed_labels": _describe(fixed_labels), "moving_labels": _describe(moving_labels),
+        "model": model_name, "scheduler": settings.scheduler, "steps": settings.steps,
+        "steps_run": out.num_steps_run, "samples": settings.samples, "seed": settings.seed,
+        "start_from_teacher": settings.start_from_teacher,
+        "guidance": [*(str(spec) for spec in settings.guidance), *(str(guide) for guide in guides)],
+        "device": str(pipe.device),
+        "time_seconds": round(elapsed, 3),
+        **_evaluate(out, fixed_image, fixed_label_image, moving_label_image),
+        "diffusereg_version": __version__,
+    }
+    return write_registration(output_dir, fixed_image.grid, displacement_transform(out.field, fixed_image.grid),
+                              out.field, out.warped, metrics, warped_labels=out.warped_labels,
+                              uncertainty=out.uncertainty, trajectory=trajectory)
 
 
 # ---------------------------------------------------------------------------------- many pairs
@@ -554,3 +471,47 @@ def register_pair_list(
                           moving_labels=pair.moving_labels, model_name=model_name, teacher=teacher)
             summary.registered.append(name)
     return summary
+
+
+# ---------------------------------------------------------------------------------- a saved field
+def _applied_path(output: Path, labels: bool) -> Path:
+    """``output`` itself when it names an image file, else ``output/warped[_labels].nii.gz``."""
+    if output.name.lower().endswith(IMAGE_SUFFIXES):
+        return output
+    return output / APPLIED_NAMES[labels]
+
+
+def apply_field(field: str | os.PathLike, image: Image | str | os.PathLike, output: str | os.PathLike,
+                labels: bool = False) -> Path:
+    """Warp an image (or a label map) of the moving image's space with a saved field and write
+    it on the fixed image's grid, exactly as :func:`register_pair` warped its own outputs.
+
+    Args:
+        field: a ``field.h5`` (ITK displacement field transform) or ``field.nii.gz`` (vector image)
+            written by ``diffusereg register``; it defines the output grid (the fixed image's).
+        image: a file, or an :class:`~diffusereg.io.Image`, anywhere in the moving image's space
+            (its own grid; it is resampled through the field).
+        output: an image file to write (``.nii.gz``, ``.nii``, ``.mha``, ``.mhd``, ``.nrrd``), or a
+            folder that receives ``warped.nii.gz`` (``warped_labels.nii.gz`` with ``labels``).
+        labels: ``image`` is an integer label map: nearest neighbour, its dtype kept; otherwise
+            linear interpolation, float32.
+
+    Returns:
+        The path written.
+
+    Raises:
+        RegistrationError: the output would overwrite an input or cannot be written.
+        diffusereg.io.ImageError: the field or the image cannot be read, or they do not fit (other
+            dimensionality, no sufficient overlap, non-integer or negative labels).
+    """
+    path = _applied_path(Path(output), labels)
+    check_sources({"moving": image})
+    check_output_folder(path.parent, [field, image], [path.name])
+    transform = read_displacement_transform(field)
+    grid = transform_grid(transform)
+    moving = _as_image(image)
+    check_field_target(grid, moving, {"field": str(field), "image": source_name(image, "image")}, labels)
+    warped = resample_to_grid(moving, grid, "nearest" if labels else "linear", transform=transform)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_image(Image.on_grid(warped, grid), path)
+    return path

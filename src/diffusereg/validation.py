@@ -28,6 +28,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -41,10 +42,15 @@ from diffusereg.io import Grid, Image, InvalidImageError, read_grid
 
 __all__ = [
     "BYTES_PER_FIXED_VOXEL",
+    "ImplausibleInputWarning",
+    "MAX_EXTENT_RATIO",
     "MIN_MODEL_VOXELS",
+    "MIN_OVERLAP_FRACTION",
     "PICKLE_SUFFIXES",
     "RegistrationError",
     "WeightsError",
+    "check_field_target",
+    "check_model_grid_arrays",
     "check_output_folder",
     "check_pair",
     "check_sources",
@@ -62,8 +68,22 @@ MIN_MODEL_VOXELS = 8
 """Fewest voxels the fixed image may span, on the model grid, along each axis the model registers:
 one attention window (4 tokens of 2 voxels) of the denoiser's first Swin stage."""
 
+ARRAY_RANGE_TOLERANCE = 1e-3
+"""How far model-grid array intensities may leave ``[0, 1]`` (rounding of a rescaled image)."""
+
 GEOMETRY_ATOL_MM = 1e-3
 """Largest difference (mm, and for direction cosines) between a label map's grid and its image's."""
+
+MIN_OVERLAP_FRACTION = 0.5
+"""Least fraction of the fixed image's physical box that the moving image's box must cover. The
+registration lives on the fixed image's grid: where the moving image has no data its warped
+values are zero, so below half the result is mostly empty (ACDC's ED and ES frames overlap
+100 %; two scans of one anatomy with their own field of view overlap well above one half)."""
+
+MAX_EXTENT_RATIO = 2.0
+"""Largest ratio, along any axis, between the physical extents (mm) of the moving and the fixed
+image before a warning: the shipped model was trained on pairs of one field of view (ratio 1),
+and twice the size along an axis rarely shows the same anatomy the same way."""
 
 PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 """Weight files in Python's pickle format, which can run code when loaded."""
@@ -72,6 +92,11 @@ PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 class RegistrationError(ValueError):
     """A registration cannot run as asked (bad option, missing labels, an input would be
     overwritten, an unwritable output folder)."""
+
+
+class ImplausibleInputWarning(UserWarning):
+    """The inputs can be registered but look unlike a registration problem (e.g. very different
+    fields of view); the message says what to check."""
 
 
 class WeightsError(RegistrationError):
@@ -242,6 +267,32 @@ def _check_label_maps(fixed: Image, moving: Image, fixed_labels: Image | None, m
                                 f"{names['fixed_labels']}'s {sorted(fixed_set)}; Dice compares the same labels")
 
 
+def _check_overlap(fixed: Grid, moving: Grid, fixed_name: str, moving_name: str) -> str | None:
+    """Raise unless ``moving`` covers at least :data:`MIN_OVERLAP_FRACTION` of ``fixed``'s physical
+    box; return a warning when their extents differ by more than :data:`MAX_EXTENT_RATIO` along an
+    axis (the caller warns once every error check has passed), else None."""
+    (fixed_low, fixed_high), (moving_low, moving_high) = _extent_mm(fixed), _extent_mm(moving)
+    if np.any(moving_low >= fixed_high) or np.any(fixed_low >= moving_high):
+        raise InvalidImageError(f"{moving_name}: does not overlap {fixed_name} in physical space "
+                                f"(origins {_values_text(fixed.origin)} and {_values_text(moving.origin)} mm); "
+                                "check the images' geometry")
+    common = np.minimum(fixed_high, moving_high) - np.maximum(fixed_low, moving_low)
+    covered = float(np.prod(common / (fixed_high - fixed_low)))
+    if covered < MIN_OVERLAP_FRACTION:
+        raise InvalidImageError(
+            f"{moving_name}: covers only {100 * covered:.1f} % of the field of view of {fixed_name} (at least "
+            f"{100 * MIN_OVERLAP_FRACTION:.0f} % needed; extents {_values_text(moving_high - moving_low)} and "
+            f"{_values_text(fixed_high - fixed_low)} mm); check the images' geometry, or crop the fixed image to the "
+            "region both show")
+    ratios = (moving_high - moving_low) / (fixed_high - fixed_low)
+    worst = int(np.argmax(np.maximum(ratios, 1 / ratios)))
+    if max(ratios[worst], 1 / ratios[worst]) <= MAX_EXTENT_RATIO:
+        return None
+    return (f"{moving_name}: spans {ratios[worst]:.2g} times {fixed_name}'s extent along ITK axis {'xyz'[worst]} "
+            f"({_values_text(moving_high - moving_low)} vs {_values_text(fixed_high - fixed_low)} mm); the "
+            "registration covers the fixed image's field of view only: check that both images show the same anatomy")
+
+
 def check_pair(
     fixed: Image,
     moving: Image,
@@ -277,16 +328,57 @@ def check_pair(
         low, high = float(image.array.min()), float(image.array.max())
         if low == high:
             raise InvalidImageError(f"{names[role]}: every voxel is {low:g} (a constant image); nothing to register")
-    (fixed_low, fixed_high), (moving_low, moving_high) = _extent_mm(fixed.grid), _extent_mm(moving.grid)
-    if np.any(moving_low >= fixed_high) or np.any(fixed_low >= moving_high):
-        raise InvalidImageError(f"{names['moving']}: does not overlap {names['fixed']} in physical space "
-                                f"(origins {_values_text(fixed.origin)} and {_values_text(moving.origin)} mm); "
-                                "check the images' geometry")
+    doubt = _check_overlap(fixed.grid, moving.grid, names["fixed"], names["moving"])
     span = preprocessing.model_grid(fixed.grid).resampled.shape[-spatial_dims:]
     if min(span) < MIN_MODEL_VOXELS:
         raise InvalidImageError(f"{names['fixed']}: too small for the model: it spans {_shape_text(span)} voxels of "
                                 f"the model grid, fewer than {MIN_MODEL_VOXELS} along an axis")
     _check_label_maps(fixed, moving, fixed_labels, moving_labels, names)
+    if doubt is not None:
+        warnings.warn(doubt, ImplausibleInputWarning, stacklevel=2)
+
+
+def check_model_grid_arrays(arrays: Mapping[str, torch.Tensor]) -> None:
+    """Check images given as arrays (already on the model grid): finite, intensities in ``[0, 1]``.
+
+    Args:
+        arrays: role (``"fixed"``, ``"moving"``) -> tensor.
+
+    Raises:
+        ValueError: naming the role and the values found, and how to bring images to the model grid.
+    """
+    for role, array in arrays.items():
+        if not torch.isfinite(array).all():
+            raise ValueError(f"{role} image contains NaN or infinite values")
+        low, high = float(array.min()), float(array.max())
+        if low < -ARRAY_RANGE_TOLERANCE or high > 1 + ARRAY_RANGE_TOLERANCE:
+            raise ValueError(
+                f"{role}: intensities span {low:g} .. {high:g}, but arrays must be on the model grid with intensities "
+                "in [0, 1]; give file paths or diffusereg.io.Image objects (preprocessed for you), or bring arrays "
+                "there with pipe.preprocessing(fixed_image, moving_image)")
+
+
+def check_field_target(grid: Grid, image: Image, names: Mapping[str, str], labels: bool) -> None:
+    """Check that ``image`` (an image or, with ``labels``, a label map in the moving image's space)
+    can be warped by a field defined on the fixed grid ``grid``: one dimensionality, the overlap
+    of :func:`check_pair`, and label values that are non-negative integers.
+
+    Args:
+        grid: the field's grid (the fixed image's).
+        image: what to warp.
+        names: ``"field"`` and ``"image"`` -> how messages call them.
+        labels: ``image`` is a label map.
+
+    Raises:
+        diffusereg.io.InvalidImageError: naming the input and the problem.
+    """
+    if image.ndim != grid.ndim:
+        raise InvalidImageError(f"{names['image']}: is {image.ndim}D but the field {names['field']} is {grid.ndim}D")
+    doubt = _check_overlap(grid, image.grid, f"the field {names['field']}", names["image"])
+    if labels:
+        _label_values(image, names["image"])
+    if doubt is not None:
+        warnings.warn(doubt, ImplausibleInputWarning, stacklevel=2)
 
 
 # ---------------------------------------------------------------------------------- model weights

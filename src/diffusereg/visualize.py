@@ -17,16 +17,19 @@ from typing import Any, Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.lines import Line2D
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image as PILImage
 
+from diffusereg.data import ACDC_LABELS
 from diffusereg.io import write_atomically
 
-__all__ = ["TrajectorySlice", "save_trajectory_gif", "save_trajectory_strip", "trajectory_slice"]
+__all__ = ["LABEL_COLOURS", "TrajectorySlice", "save_trajectory_gif", "save_trajectory_strip", "trajectory_slice"]
 
 _GRID_LINES = 12  # deformed grid: about this many lines per image side
-_LABEL_COLOURS = {1: "tab:cyan", 2: "tab:green", 3: "tab:orange"}  # ACDC RV, Myo, LV
+#: Contour colour of each ACDC structure (Okabe-Ito colours, told apart with colour-blindness too).
+LABEL_COLOURS = {"RV": "#CC79A7", "Myo": "#009E73", "LV": "#E69F00"}
 
 
 @dataclass(frozen=True)
@@ -86,11 +89,20 @@ def _show_image(ax: Axes, image: np.ndarray, title: str, labels: np.ndarray | No
     """Grey-scale image with the label contours of the fixed image, no ticks."""
     ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
     if labels is not None:
-        for value, colour in _LABEL_COLOURS.items():
-            if np.any(labels == value):
-                ax.contour(labels == value, levels=[0.5], colors=colour, linewidths=0.8)
+        for name, colour in LABEL_COLOURS.items():
+            if np.any(labels == ACDC_LABELS[name]):
+                ax.contour(labels == ACDC_LABELS[name], levels=[0.5], colors=colour, linewidths=0.8)
     ax.set_title(title, fontsize=9)
     ax.set_axis_off()
+
+
+def _legend_handles(labels: np.ndarray | None) -> list[Line2D]:
+    """One legend entry per fixed-label contour drawn (none without labels), plus the deformed grid."""
+    handles = [Line2D([], [], color="yellow", linewidth=1.0, label="deformed grid")]
+    if labels is not None:
+        handles += [Line2D([], [], color=colour, linewidth=1.5, label=f"{name} (fixed)")
+                    for name, colour in LABEL_COLOURS.items() if np.any(labels == ACDC_LABELS[name])]
+    return handles
 
 
 def _draw_deformed_grid(ax: Axes, field: np.ndarray) -> None:
@@ -135,8 +147,9 @@ def save_trajectory_strip(trajectory: TrajectorySlice, path: str | os.PathLike, 
     """Draw selected steps side by side and save a PNG.
 
     Top row: the moving image, then the warped image of each shown step with the deformed grid
-    (yellow) and the fixed labels' contours. Bottom row: the fixed image, then the displacement
-    magnitude in mm (one colour scale for all steps).
+    (yellow) and the fixed labels' contours (colours of :data:`LABEL_COLOURS`, named in a legend).
+    Bottom row: the fixed image, then the displacement magnitude in mm (one colour scale for all
+    steps).
 
     Args:
         trajectory: from :func:`trajectory_slice`.
@@ -159,6 +172,9 @@ def save_trajectory_strip(trajectory: TrajectorySlice, path: str | os.PathLike, 
     for column, index in enumerate(shown, start=1):
         magnitude = _draw_step(axes[0, column], axes[1, column], trajectory, index, vmax)
     figure.colorbar(magnitude, ax=axes[1, :].tolist(), fraction=0.02, pad=0.01, label="mm")
+    handles = _legend_handles(trajectory.fixed_labels)
+    figure.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False,
+                  bbox_to_anchor=(0.5, 1.02))
     write_atomically(Path(path), lambda temporary: figure.savefig(temporary, format="png", dpi=110,
                                                                    bbox_inches="tight"), overwrite=True)
     return len(shown)
@@ -176,6 +192,8 @@ def save_trajectory_gif(trajectory: TrajectorySlice, path: str | os.PathLike, fr
         ax_warped, ax_magnitude = figure.subplots(1, 2)
         magnitude = _draw_step(ax_warped, ax_magnitude, trajectory, index, vmax)
         figure.colorbar(magnitude, ax=ax_magnitude, fraction=0.046, pad=0.02)
+        handles = _legend_handles(trajectory.fixed_labels)
+        figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
         canvas = FigureCanvasAgg(figure)
         canvas.draw()
         frames.append(PILImage.fromarray(np.asarray(canvas.buffer_rgba())[..., :3]))

@@ -45,8 +45,8 @@ class Request:
     moving_labels: Path | None = None
 
     def argv(self) -> list[str | os.PathLike]:
-        labels = [] if self.fixed_labels is None else ["--fixed-labels", self.fixed_labels, "--moving-labels",
-                                                         self.moving_labels]
+        labels = [*([] if self.fixed_labels is None else ["--fixed-labels", self.fixed_labels]),
+                  *([] if self.moving_labels is None else ["--moving-labels", self.moving_labels])]
         return ["register", self.fixed, self.moving, "-o", self.output, "--model", self.model, "--steps", "1", *labels]
 
 
@@ -211,6 +211,18 @@ def too_large(s: Setup) -> Bad:
     return Bad(replace(s.good, fixed=path), path, "2048 x 2048 x 2048 voxels would need about 2.0 TiB of memory")
 
 
+def little_overlap(s: Setup) -> Bad:
+    moving = read_image(s.case.moving)
+    shift = 0.7 * moving.array.shape[-1] * moving.spacing[0]  # 70 % of the field of view along x
+    path = s.image("shifted.nii.gz", Image(moving.array, moving.spacing,
+                                           (moving.origin[0] + shift, *moving.origin[1:]), moving.direction))
+    return Bad(replace(s.good, moving=path), path, "% of the field of view of ")
+
+
+def fixed_labels_alone(s: Setup) -> Bad:
+    return Bad(replace(s.good, fixed_labels=s.case.fixed_labels), "labels", "--fixed-labels needs --moving-labels")
+
+
 def labels_off_grid(s: Setup) -> Bad:
     labels = read_image(s.case.fixed_labels)
     path = s.image("shifted_gt.nii.gz", Image(labels.array, labels.spacing, (0.0, 0.0, 0.0), labels.direction))
@@ -290,8 +302,8 @@ def pickle_weights(s: Setup) -> Bad:
 
 
 CASES = [missing_file, corrupt_nifti, truncated_nifti, image_4d, image_2d_with_3d, images_2d_for_3d_model, nan_and_inf,
-         constant_image, zero_spacing, negative_spacing, sheared_direction, no_overlap, too_small, too_large,
-         labels_off_grid, labels_not_integer, labels_negative, labels_other_scheme, labels_empty, output_not_writable,
+         constant_image, zero_spacing, negative_spacing, sheared_direction, no_overlap, little_overlap, too_small,
+         too_large, fixed_labels_alone, labels_off_grid, labels_not_integer, labels_negative, labels_other_scheme, labels_empty, output_not_writable,
          output_is_a_file, output_is_an_input, unknown_model, truncated_weights, config_other_shapes,
          config_more_layers, pickle_weights]
 
@@ -390,3 +402,34 @@ def test_console_script_refuses_with_one_line(setup: Setup) -> None:
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "a constant image" in result.stderr, result.stderr
     assert str(request.fixed) in result.stderr and not request.output.exists()
+
+
+def test_a_much_larger_moving_image_registers_with_a_warning(setup: Setup, cli) -> None:
+    """A moving image with 3 times the fixed image's field of view along its x axis (zero padding
+    around it; 2.3 times along the world x axis, the phantom is oblique): registered (exit 0), with
+    a warning line that names it and says what to check."""
+    moving = read_image(setup.case.moving)
+    array = np.pad(moving.array, ((0, 0), (0, 0), (moving.array.shape[2], moving.array.shape[2])))
+    shift = moving.grid.direction_matrix @ np.array([-moving.array.shape[2] * moving.spacing[0], 0.0, 0.0])
+    path = setup.image("wide.nii.gz", Image(array, moving.spacing, tuple(np.add(moving.origin, shift)),
+                                            moving.direction))
+    code, error = cli(*replace(setup.good, moving=path).argv())
+    assert code == 0
+    warning = [line for line in error.splitlines() if line.startswith("diffusereg register: warning: ")]
+    assert warning and f"{path}: spans 2.3 times" in warning[0] and "same anatomy" in warning[0], error
+
+
+@pytest.mark.parametrize(("arrays", "expected"), [
+    pytest.param(lambda: (np.full((64, 64), 14.0), np.linspace(14, 255, 64 * 64).reshape(64, 64)),
+                 "fixed: intensities span 14 .. 14, but arrays must be on the model grid with intensities in [0, 1]",
+                 id="raw_intensities"),
+    pytest.param(lambda: (np.random.default_rng(0).random((10, 232, 256)),) * 2,
+                 "arrays of shape (10, 232, 256) are not on a model grid", id="native_shape"),
+])
+def test_pipeline_refuses_arrays_off_the_model_grid(arrays, expected: str, setup: Setup) -> None:
+    """Arrays are taken as model-grid images; raw intensities or a native shape are refused with
+    the way to the model grid (files / Image objects, or pipe.preprocessing)."""
+    fixed, moving = arrays()
+    with pytest.raises(ValueError) as caught:
+        DiffuseRegPipeline.from_pretrained(setup.model)(fixed, moving)
+    assert str(caught.value).startswith(expected) and "pipe.preprocessing(" in str(caught.value), caught.value

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 
-from diffusereg import io, registration, visualize
+from diffusereg import io, visualize
+from diffusereg import outputs as output_files
 from diffusereg.data import PairFiles
 from diffusereg.registration import RegistrationSettings, load_pipeline, register_pair
 
@@ -35,7 +36,7 @@ def test_every_output_is_written_atomically(case: PairFiles, tiny_model: Path, t
         written.append(Path(path).name)
         real(path, write, overwrite)
 
-    for module in (io, registration, visualize):
+    for module in (io, output_files, visualize):
         monkeypatch.setattr(module, "write_atomically", recording)
     output = tmp_path / "out"
     code, error = cli(*labelled_argv(case, output, tiny_model), "--samples", "2", "--save-trajectory")

@@ -35,11 +35,15 @@ _SITK_INTERPOLATORS = {
 }
 
 
-def resample_to_grid(image: Image, grid: Grid, interpolation: Interpolation, default: float = 0.0) -> np.ndarray:
-    """Resample ``image`` onto ``grid`` (physical-space identity mapping) with SimpleITK.
+def resample_to_grid(image: Image, grid: Grid, interpolation: Interpolation, default: float = 0.0,
+                     transform: sitk.Transform | None = None) -> np.ndarray:
+    """Resample ``image`` onto ``grid`` with SimpleITK: the value at each point ``x`` of ``grid``
+    is ``image`` at ``transform(x)`` (physical space; identity when ``transform`` is None).
 
     Images are interpolated as float32 (``linear``/``bspline``); ``nearest`` keeps the voxel type.
-    Points of ``grid`` outside ``image`` get ``default``. Returns an array of shape ``grid.shape``.
+    Points that land outside ``image`` get ``default``. Returns an array of shape ``grid.shape``.
+    With the :func:`~diffusereg.io.displacement_transform` of a registration's field, this warps
+    any image of the moving image's space onto the fixed grid.
     """
     source = image.to_sitk()
     if interpolation != "nearest":
@@ -47,7 +51,7 @@ def resample_to_grid(image: Image, grid: Grid, interpolation: Interpolation, def
     resampled = sitk.Resample(
         source,
         list(reversed(grid.shape)),
-        sitk.Transform(),
+        sitk.Transform() if transform is None else transform,
         _SITK_INTERPOLATORS[interpolation],
         grid.origin,
         grid.spacing,

@@ -98,6 +98,7 @@ class DiffuseRegDenoiser(ModelMixin, ConfigMixin):
         prediction_type: str = "epsilon",
     ) -> None:
         super().__init__()
+        self.size_multiple = SIZE_MULTIPLE
         if spatial_dims not in DEFAULTS:
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if fusion not in FUSIONS:
@@ -170,7 +171,7 @@ class DiffuseRegDenoiser(ModelMixin, ConfigMixin):
             pre-attention features ``features[stage][block] = (fixed, moving)``; pass it to
             ``forward(..., condition=...)`` at every sampling step.
         """
-        check_image_pair(fixed, moving, self.config.spatial_dims, SIZE_MULTIPLE)
+        check_image_pair(fixed, moving, self.config.spatial_dims, self.size_multiple)
         if not self.image_encoders:
             return DenoiserCondition(fixed=fixed, moving=moving)
         fixed_features = self.image_encoders[0](fixed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -56,7 +57,9 @@ class RegistrationNet(ModelMixin, ConfigMixin):
         out = backbone.net[1].final_conv_out.conv
         nn.init.normal_(out.weight, std=1e-5)
         nn.init.zeros_(out.bias)
-        self.voxelmorph = VoxelMorph(backbone, integration_steps=integration_steps, spatial_dims=spatial_dims)
+        with warnings.catch_warnings():  # MONAI's Warp says at every construction that it uses grid_sample
+            warnings.simplefilter("ignore")
+            self.voxelmorph = VoxelMorph(backbone, integration_steps=integration_steps, spatial_dims=spatial_dims)
 
     def forward(self, fixed: Tensor, moving: Tensor) -> Tensor:
         """Register ``moving`` to ``fixed``.

@@ -20,10 +20,11 @@ from diffusereg.callbacks import TrajectoryRecorder
 from diffusereg.data.preprocessing import PaperPreprocessing, resample_to_grid
 from diffusereg.guidance import Guide, GuidanceFunction, as_guide
 from diffusereg.hub import resolve_model
-from diffusereg.io import Grid, Image, read_image, validate_image, write_atomically
+from diffusereg.io import Grid, Image, displacement_transform, read_image, validate_image, write_atomically
 from diffusereg.models import DiffuseRegDenoiser, clean_and_noise
 from diffusereg.spatial import warp
-from diffusereg.validation import WeightsError, check_pair, check_sources, check_weights, source_name
+from diffusereg.validation import (WeightsError, check_model_grid_arrays, check_pair, check_sources, check_weights,
+                                   source_name)
 
 __all__ = ["DiffuseRegPipeline", "DiffuseRegPipelineOutput", "default_scheduler"]
 
@@ -125,7 +126,8 @@ class DiffuseRegPipeline(DiffusionPipeline):
     _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
 
     def __init__(self, denoiser: DiffuseRegDenoiser, scheduler: DDIMScheduler | DDPMScheduler,
-                 model_spacing: Sequence[float] = (1.5, 1.5, 3.15), model_size: Sequence[int] = (32, 128, 128)) -> None:
+                 model_spacing: tuple[float, ...] | list[float] = (1.5, 1.5, 3.15),
+                 model_size: tuple[int, ...] | list[int] = (32, 128, 128)) -> None:
         super().__init__()
         self.register_modules(denoiser=denoiser, scheduler=scheduler)
         self.register_to_config(model_spacing=list(model_spacing), model_size=list(model_size))
@@ -218,9 +220,7 @@ class DiffuseRegPipeline(DiffusionPipeline):
             raise ValueError(f"fixed and moving must have the same shape, got {tuple(fixed.shape)} and {tuple(moving.shape)}")
         if moving_labels is not None and tuple(moving_labels.shape) != tuple(moving.shape):
             raise ValueError(f"moving_labels shape {tuple(moving_labels.shape)} differs from moving shape {tuple(moving.shape)}")
-        for name, image in (("fixed", fixed), ("moving", moving)):
-            if not torch.isfinite(image).all():
-                raise ValueError(f"{name} image contains NaN or infinite values")
+        check_model_grid_arrays({"fixed": fixed, "moving": moving})
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if num_samples < 1:
@@ -242,6 +242,13 @@ class DiffuseRegPipeline(DiffusionPipeline):
         self.check_inputs(fixed_t, moving_t, labels_t, 1, 1, ())
         d = self.spatial_dims
         rank = fixed_t.ndim
+        multiple = self.denoiser.size_multiple
+        if any(size % multiple for size in fixed_t.shape[-d:]):
+            raise ValueError(
+                f"arrays of shape {tuple(fixed_t.shape)} are not on a model grid (each of the last {d} sizes a multiple "
+                f"of {multiple}; this pipeline's grid is {' x '.join(map(str, self.config.model_size))}): give file paths "
+                "or diffusereg.io.Image objects (resampled, scaled and cropped for you), or bring images there with "
+                "pipe.preprocessing(fixed_image, moving_image)")
 
         def as_images(x: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
             return None if x is None else x.reshape(shape).float()
@@ -324,8 +331,10 @@ class DiffuseRegPipeline(DiffusionPipeline):
         """Preprocess to the model grid, sample there, and bring the results to the fixed grid.
 
         The field is mapped back with the preprocessing's inverse (voxels of the original fixed
-        grid); the original moving image and labels are resampled onto the fixed grid (identity
-        in physical space) and warped there, so the outputs overlay the fixed image.
+        grid); the original moving image and labels are resampled once through it (its ITK
+        transform, :func:`~diffusereg.io.displacement_transform`) onto the fixed grid, so the
+        outputs overlay the fixed image, and ``diffusereg apply`` with the saved field gives the
+        same voxels.
         """
         pair = self.preprocessing(fixed, moving, moving_labels=moving_labels)
         on_grid = self(pair.fixed, pair.moving, output_type="pt", **sampling)
@@ -333,12 +342,11 @@ class DiffuseRegPipeline(DiffusionPipeline):
         uncertainty = None
         if on_grid.uncertainty is not None:
             uncertainty = torch.from_numpy(pair.grid.field_to_original(on_grid.uncertainty.numpy())).float()
-        moving_on_fixed = torch.from_numpy(resample_to_grid(moving, fixed.grid, "linear"))
-        warped = warp(moving_on_fixed[None, None], field[None])[0, 0]
+        transform = displacement_transform(field.numpy(), fixed.grid)
+        warped = torch.from_numpy(resample_to_grid(moving, fixed.grid, "linear", transform=transform))
         warped_labels = None
         if moving_labels is not None:
-            labels_on_fixed = torch.from_numpy(resample_to_grid(moving_labels, fixed.grid, "nearest").astype(np.int64))
-            warped_labels = warp(labels_on_fixed[None, None], field[None], mode="nearest")[0, 0]
+            warped_labels = torch.from_numpy(resample_to_grid(moving_labels, fixed.grid, "nearest", transform=transform))
 
         def finish(x: torch.Tensor | None) -> torch.Tensor | np.ndarray | None:
             return x.numpy() if x is not None and output_type == "np" else x

@@ -169,7 +169,8 @@ class DiffusionConfig:
     """Stage 2: the denoiser (``model`` is passed to :class:`diffusereg.models.DiffuseRegDenoiser`).
 
     ``teacher`` is the output directory of stage 1 (``phi0/``, ``field_stats.json``,
-    ``teacher/``). ``phi0_source: cache`` reads phi0 from ``phi0/``; ``teacher`` runs the
+    ``teacher/``), or a saved pipeline with a teacher (e.g. ``diffusereg/acdc-2d``, to fine-tune
+    the shipped model; it has no phi0 cache, so ``phi0_source: teacher``). ``phi0_source: cache`` reads phi0 from ``phi0/``; ``teacher`` runs the
     frozen teacher on every (possibly augmented) batch instead, which augmentation requires.
     ``init_weights`` (a pipeline name such as ``diffusereg/acdc-2d``, a Hub id or a folder)
     starts from that pipeline's denoiser instead of fresh weights (fine-tuning); its

@@ -20,12 +20,23 @@ from torch.utils.data import Dataset
 from diffusereg.hub import resolve_model
 from diffusereg.models import DiffuseRegDenoiser, RegistrationNet
 from diffusereg.pipelines import DiffuseRegPipeline, default_scheduler
-from diffusereg.training.config import DiffusionConfig
+from diffusereg.training.config import ConfigError, DiffusionConfig
 from diffusereg.training.data import FieldStatistics, Phi0Cache, WithPhi0, build_dataset
 from diffusereg.training.objective import diffusion_loss
 from diffusereg.training.trainer import Stage, Trainer
 
 __all__ = ["DiffusionStage", "train_diffusion"]
+
+
+def _teacher_folders(teacher: str) -> tuple[Path, Path, bool]:
+    """``(folder of field_stats.json, folder of the RegistrationNet, has a phi0 cache)`` of a ``teacher`` setting:
+    a stage-1 output directory (``field_stats.json``, ``teacher/``, ``phi0/``), or a saved
+    pipeline with a teacher (a folder, or a bundled name such as ``diffusereg/acdc-2d``), whose
+    ``teacher/`` holds both the network and its ``field_stats.json``."""
+    folder = Path(resolve_model(teacher))
+    if (folder / "model_index.json").is_file():
+        return folder / "teacher", folder / "teacher", False
+    return folder, folder / "teacher", True
 
 
 class DiffusionStage(Stage):
@@ -39,7 +50,10 @@ class DiffusionStage(Stage):
 
     def __init__(self, config: DiffusionConfig) -> None:
         super().__init__(config)
-        self.teacher_dir = Path(config.teacher)
+        self.teacher_dir, self.teacher_weights, has_cache = _teacher_folders(config.teacher)
+        if not has_cache and config.phi0_source == "cache":
+            raise ConfigError(f"teacher {config.teacher} is a saved pipeline, which has no phi0 cache: "
+                              "set phi0_source: teacher")
         self.statistics = FieldStatistics.load(self.teacher_dir / "field_stats.json")
         if self.statistics.spatial_dims != config.data.spatial_dims:
             raise ValueError(f"the teacher in {self.teacher_dir} is {self.statistics.spatial_dims}D "
@@ -79,7 +93,7 @@ class DiffusionStage(Stage):
 
     def setup(self, accelerator: Accelerator) -> None:
         if self.config.phi0_source == "teacher":
-            self.teacher = RegistrationNet.from_pretrained(self.teacher_dir / "teacher").to(accelerator.device).eval()
+            self.teacher = RegistrationNet.from_pretrained(self.teacher_weights).to(accelerator.device).eval()
             self.teacher.requires_grad_(False)
 
     def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Tensor]:

@@ -106,7 +106,7 @@ function showMetrics(s) {
   table.replaceChildren();
   if (!s.metrics) return;
   const number = (value, digits) => (value === undefined ? "–" : value.toFixed(digits));
-  table.append(row(["model grid", "before", `step ${s.step}`], true));
+  table.append(row(["live, model grid", "before", `step ${s.step}`], true));
   table.append(row(["NJD %", number(s.metrics_before.NJD_percent, 2), number(s.metrics.NJD_percent, 2)]));
   for (const [name, value] of Object.entries(s.metrics.dice || {})) {
     table.append(row([`Dice ${name}`, number(s.metrics_before.dice[name], 3), number(value, 3)]));
@@ -115,7 +115,8 @@ function showMetrics(s) {
 
 function describeResult(result) {
   if (!result) return "";
-  let text = `Written (fixed image grid): ${result.steps_run} of ${result.steps} steps in ` +
+  let text = "Written result, on the fixed image's own grid (metrics.json; the live table above is on the " +
+             `resampled, cropped model grid, so its Dice differs): ${result.steps_run} of ${result.steps} steps in ` +
              `${result.time_seconds.toFixed(1)} s, NJD ${result.NJD_percent.toFixed(2)} %`;
   if (result.dice_after) {
     text += ", Dice " + Object.entries(result.dice_after)

@@ -33,7 +33,7 @@ import torch
 from diffusereg.data import ACDC_LABELS, PairFiles, PreprocessedPair
 from diffusereg.guidance import Guide
 from diffusereg.io import read_image
-from diffusereg.metrics import njd_percent
+from diffusereg.metrics import njd_percent, structure_dice
 from diffusereg.phantom import write_phantom
 from diffusereg.registration import (
     GuidanceSpec,
@@ -43,7 +43,6 @@ from diffusereg.registration import (
     check_request,
     register_pair,
     shown_slice,
-    structure_dice,
 )
 from diffusereg.spatial import jacobian_determinant, voxel_to_mm, warp
 from diffusereg.validation import check_pair

@@ -1,0 +1,128 @@
+"""Writing a registration's files: every one atomically, ``metrics.json`` last, nothing partial.
+
+Every file overlays the fixed image exactly (its shape, spacing, origin and direction):
+
+- ``warped.nii.gz``: the moving image warped onto the fixed image (float32);
+- ``warped_labels.nii.gz``: the moving labels warped (nearest neighbour), when given;
+- ``field.h5``: the displacement as an ITK ``DisplacementFieldTransform`` (HDF5);
+- ``field.nii.gz``: the same displacement as a vector image (mm, ITK ``x, y, z`` components);
+- ``jacobian.nii.gz``: det of the Jacobian of ``x -> x + u(x)``, central differences (so it has
+  the fixed grid's shape);
+- ``uncertainty.nii.gz``: per voxel, the length (mm) of the vector of the field's per-axis
+  standard deviations over samples (``DiffuseRegPipelineOutput.uncertainty``, voxels), when N > 1;
+- ``trajectory.png``, ``trajectory.gif``: the sampling steps, when asked;
+- ``metrics.json``: written last; a folder holding it holds a finished registration.
+
+The outputs of an earlier registration in the folder are removed (``metrics.json`` first) before
+the new ones are written, and a write that fails or is interrupted removes what it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from diffusereg.io import Grid, Image, write_atomically, write_displacement_field, write_image
+from diffusereg.spatial import jacobian_determinant
+from diffusereg.visualize import TrajectorySlice, save_trajectory_gif, save_trajectory_strip
+
+__all__ = ["OUTPUT_NAMES", "is_complete", "length_mm", "write_registration"]
+
+OUTPUT_NAMES: dict[str, str] = {
+    "warped": "warped.nii.gz",
+    "warped_labels": "warped_labels.nii.gz",
+    "field_transform": "field.h5",
+    "field_image": "field.nii.gz",
+    "jacobian": "jacobian.nii.gz",
+    "uncertainty": "uncertainty.nii.gz",
+    "trajectory_png": "trajectory.png",
+    "trajectory_gif": "trajectory.gif",
+    "metrics": "metrics.json",
+}
+"""File name of every output in the output folder."""
+
+
+def is_complete(output_dir: str | os.PathLike) -> bool:
+    """True when ``output_dir`` holds a finished registration (its ``metrics.json``, written last)."""
+    return (Path(output_dir) / OUTPUT_NAMES["metrics"]).is_file()
+
+
+def _remove_outputs(output_dir: Path) -> None:
+    """Delete every output of a registration from ``output_dir``, ``metrics.json`` first (from
+    then on the folder is unfinished)."""
+    metrics = OUTPUT_NAMES["metrics"]
+    for name in (metrics, *(name for name in OUTPUT_NAMES.values() if name != metrics)):
+        (output_dir / name).unlink(missing_ok=True)
+
+
+def length_mm(field: np.ndarray, grid: Grid) -> np.ndarray:
+    """Per-voxel length (mm) of a ``(ndim, *S)`` field given in voxels of ``grid``."""
+    spacing = np.asarray(grid.axis_spacing, dtype=np.float32).reshape(-1, *([1] * grid.ndim))
+    return np.sqrt(((field * spacing) ** 2).sum(axis=0)).astype(np.float32)
+
+
+def write_registration(
+    output_dir: str | os.PathLike,
+    grid: Grid,
+    transform: sitk.DisplacementFieldTransform,
+    field: np.ndarray,
+    warped: np.ndarray,
+    metrics: dict[str, Any],
+    warped_labels: np.ndarray | None = None,
+    uncertainty: np.ndarray | None = None,
+    trajectory: TrajectorySlice | None = None,
+) -> dict[str, Any]:
+    """Write one registration's files into ``output_dir`` (see the module docstring).
+
+    Args:
+        output_dir: the folder (created if needed).
+        grid: the fixed image's grid.
+        transform: ``field`` as an ITK transform (:func:`diffusereg.io.displacement_transform`),
+            the one the warped outputs were resampled with.
+        field: ``(ndim, *S)`` displacement, voxels of ``grid``.
+        warped: ``(*S)`` the warped moving image.
+        metrics: what ``metrics.json`` holds besides the list of outputs.
+        warped_labels: ``(*S)`` the warped moving labels (their own dtype), or None.
+        uncertainty: ``(ndim, *S)`` per-axis std of the field over samples, voxels, or None.
+        trajectory: the slice of the sampling trajectory to draw, or None.
+
+    Returns:
+        ``metrics`` with ``outputs``: the names of the files written.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _remove_outputs(output_dir)
+    written: list[str] = []
+
+    def save(name: str, array: np.ndarray) -> None:
+        write_image(Image.on_grid(array, grid), output_dir / OUTPUT_NAMES[name])
+        written.append(OUTPUT_NAMES[name])
+
+    try:
+        save("warped", warped.astype(np.float32))
+        if warped_labels is not None:
+            save("warped_labels", warped_labels)
+        for name in ("field_transform", "field_image"):
+            write_displacement_field(transform, None, output_dir / OUTPUT_NAMES[name])
+            written.append(OUTPUT_NAMES[name])
+        as_tensor = torch.from_numpy(np.ascontiguousarray(field, dtype=np.float32))[None]
+        save("jacobian", jacobian_determinant(as_tensor, method="central")[0].numpy())
+        if uncertainty is not None:
+            save("uncertainty", length_mm(uncertainty, grid))
+        if trajectory is not None:
+            save_trajectory_strip(trajectory, output_dir / OUTPUT_NAMES["trajectory_png"])
+            save_trajectory_gif(trajectory, output_dir / OUTPUT_NAMES["trajectory_gif"])
+            written += [OUTPUT_NAMES["trajectory_png"], OUTPUT_NAMES["trajectory_gif"]]
+        metrics = {**metrics, "outputs": [*written, OUTPUT_NAMES["metrics"]]}
+        text = json.dumps(metrics, indent=2) + "\n"
+        write_atomically(output_dir / OUTPUT_NAMES["metrics"], lambda temporary: temporary.write_text(text))
+    except BaseException:  # KeyboardInterrupt included: no output of an unfinished registration stays
+        _remove_outputs(output_dir)
+        raise
+    return metrics
