@@ -36,7 +36,7 @@ from diffusereg.data import ACDCDataset
 from diffusereg.evaluation import (RegistrationResult, Registrar, evaluate, identity_registrar, pipeline_registrar,
                                    summary_markdown, teacher_registrar, write_evaluation)
 from diffusereg.pipelines import DiffuseRegPipeline
-from diffusereg.registration import ModelNotFoundError, load_teacher
+from diffusereg.schedulers import scheduler_of_kind
 
 
 def ants_syn_registrar(axis_spacing: tuple[float, ...], threads: int) -> Registrar | None:
@@ -72,7 +72,7 @@ def ants_syn_registrar(axis_spacing: tuple[float, ...], threads: int) -> Registr
 def denoiser_forward_seconds(pipe: DiffuseRegPipeline, fixed: np.ndarray, moving: np.ndarray, repeats: int = 3) -> float:
     """Best-of-``repeats`` time of one full denoiser forward (image encoder included, as a loop that
     does not reuse image features pays at every step) on the batch the pipeline builds for this pair."""
-    batch = pipe._to_model_grid(fixed, moving, None)
+    batch = pipe.prepare_batch(fixed, moving)
     with torch.no_grad():
         sample = torch.randn(batch.fixed.shape[0], pipe.spatial_dims, *batch.fixed.shape[2:])
         timestep = torch.full((sample.shape[0],), 999)
@@ -116,21 +116,17 @@ def main() -> None:
 
     methods: dict[str, Registrar | None] = {"identity": identity_registrar}
     methods["ANTs SyN"] = ants_syn_registrar(spacing, args.threads) if "ANTs SyN" not in args.skip else None
-    try:
-        teacher = teacher_registrar(load_teacher(args.model))
-    except ModelNotFoundError:  # a model without a bundled teacher: no teacher rows
-        teacher = None
-    if teacher is not None:
-        methods["teacher (one-shot)"] = teacher
+    if pipe.teacher is not None:  # a model without a teacher component has no teacher rows
+        methods["teacher (one-shot)"] = teacher_registrar(pipe.teacher)
         for strength in args.refine_strengths:
             methods[f"teacher + DDIM {args.refine_steps} from strength {strength:g}"] = pipeline_registrar(
-                pipe, args.refine_steps, seed=args.seed, scheduler="ddim", start=teacher, strength=strength)
+                pipe, args.refine_steps, seed=args.seed, init_field="teacher", strength=strength)
     stopper = EarlyStopping(tolerance=args.early_stopping)
     for steps in args.ddim_steps:
-        methods[f"DDIM {steps}"] = pipeline_registrar(pipe, steps, seed=args.seed, scheduler="ddim")
+        methods[f"DDIM {steps}"] = pipeline_registrar(pipe, steps, seed=args.seed)
         if steps >= 5:
             methods[f"DDIM {steps} + EarlyStopping({args.early_stopping:g})"] = pipeline_registrar(
-                pipe, steps, seed=args.seed, scheduler="ddim", callback_on_step_end=stopper)
+                pipe, steps, seed=args.seed, callback_on_step_end=stopper)
 
     rows: dict[str, list[dict[str, Any]]] = {}
     for name, registrar in methods.items():
@@ -140,8 +136,10 @@ def main() -> None:
     if args.ddpm_cases > 0 and "DDPM 2000" not in args.skip:
         subset = ACDCDataset(args.data, split=args.split, spatial_dims=3, patients=dataset.names[:args.ddpm_cases],
                              preprocessing=pipe.preprocessing)
-        ddpm = pipeline_registrar(pipe, 2000, seed=args.seed, scheduler="ddpm")
+        pipe.scheduler = scheduler_of_kind(pipe.scheduler, "ddpm")
+        ddpm = pipeline_registrar(pipe, 2000, seed=args.seed)
         rows[f"DDPM 2000 ({args.ddpm_cases} cases)"] = evaluate(subset, ddpm, description="DDPM 2000")
+        pipe.scheduler = scheduler_of_kind(pipe.scheduler, "ddim")
 
     pair = dataset.preprocessed(0)
     forward = denoiser_forward_seconds(pipe, pair.fixed, pair.moving)

@@ -2,13 +2,13 @@
 
 Run (from the repository root):
 
-    python benchmarks/bundle_model.py --pipeline runs/diffusion_2d/pipeline --teacher runs/teacher_2d \
+    python benchmarks/bundle_model.py --pipeline runs/diffusion_2d/pipeline \
         --card docs/model_card_acdc_2d.md --output src/diffusereg/pretrained/acdc-2d
 
 Writes a ``save_pretrained`` folder with the denoiser stored in float16 (``--dtype float32`` to keep
-full precision), the teacher network in ``teacher/`` (one-shot baseline, float32), the teacher's
-``field_stats.json`` and the model card as ``README.md``. Prints the sizes and the largest
-difference between the bundled (upcast) and the original denoiser weights.
+full precision), the pipeline's teacher component in ``teacher/`` (one-shot baseline, float32)
+and the model card as ``README.md``. Prints the sizes and the largest difference between the
+bundled (upcast) and the original denoiser weights.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from diffusereg.models import RegistrationNet
 from diffusereg.pipelines import DiffuseRegPipeline
 
 
@@ -31,13 +30,14 @@ def folder_mib(folder: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipeline", type=Path, required=True, help="trained pipeline folder (stage 2 output)")
-    parser.add_argument("--teacher", type=Path, required=True, help="stage 1 output folder (teacher/, field_stats.json)")
     parser.add_argument("--card", type=Path, required=True, help="Markdown model card")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     args = parser.parse_args()
 
     pipe = DiffuseRegPipeline.from_pretrained(args.pipeline)
+    if pipe.teacher is None:
+        raise SystemExit(f"{args.pipeline}: the pipeline has no teacher component (train it with diffusereg train)")
     original = {name: tensor.clone() for name, tensor in pipe.denoiser.state_dict().items()}
     if args.output.exists():
         shutil.rmtree(args.output)
@@ -46,8 +46,6 @@ def main() -> None:
         shutil.rmtree(temporary)
     pipe.denoiser.to(getattr(torch, args.dtype))
     pipe.save_pretrained(temporary, model_card=args.card.read_text())
-    RegistrationNet.from_pretrained(args.teacher / "teacher").save_pretrained(temporary / "teacher")
-    shutil.copy(args.teacher / "field_stats.json", temporary / "teacher" / "field_stats.json")
     temporary.rename(args.output)
 
     bundled = DiffuseRegPipeline.from_pretrained(args.output).denoiser.state_dict()

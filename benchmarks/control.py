@@ -1,8 +1,10 @@
 """Control you can measure: guidance, early stopping and uncertainty on ACDC validation cases.
 
-Run (from the repository root, ACDC beside the checkout):
+Run (from the repository root, ACDC beside the checkout); the defaults are the settings of the
+published run, ``benchmarks/results/control_val10_v2`` (the uncertainty section was published from
+a separate run, ``--sections smoothness uncertainty``):
 
-    python benchmarks/control.py --model diffusereg/acdc-2d --output benchmarks/results/control_val
+    python benchmarks/control.py
 
 Every case of the validation split (``--patients`` to restrict) is registered once per seed
 (``--seeds``) without guidance ("none", ``--steps`` DDIM steps), and every configuration below is
@@ -19,9 +21,10 @@ follow the paper's protocol (:mod:`diffusereg.evaluation`, model grid, Dice in p
   (degrees) and relative magnitude error of the achieved mean against the prescribed one.
 - early-stopping: ``EarlyStopping`` at each of ``--early-stopping-tolerances`` on the ``--steps``
   and ``--early-stopping-steps`` schedules: steps saved (%) and Overall Dice change against the
-  full schedule. Each schedule is sampled once in full and every rule is replayed on the recorded
-  clean-field estimates: sampling is deterministic (DDIM, eta 0) and the steps before a stop are
-  the same with or without it, so the replay returns exactly the field a stopped run returns.
+  full schedule. Each schedule is sampled once in full (``TrajectoryRecorder``) and every rule is
+  replayed on the recorded clean-field estimates: DDIM sampling is deterministic and the steps
+  before a stop are the same with or without it, so the replay returns exactly the field a
+  stopped run returns.
 - uncertainty: ``num_samples=--num-samples``; Spearman correlation between the mean uncertainty
   magnitude inside each structure (LV, Myo, RV of the fixed labels) and that structure's Dice error
   (1 - Dice), pooled over cases and structures; and per case the point-biserial correlation between
@@ -30,7 +33,8 @@ follow the paper's protocol (:mod:`diffusereg.evaluation`, model grid, Dice in p
 
 Cost per case and seed, counted in ``--steps``-step single-sample registrations: 1 (none)
 + smoothness scales + 3 x organ scales + organ-both targets + direction scales
-+ early-stopping-steps / steps + num-samples; 19 with the defaults. ``--sections`` picks sections.
++ early-stopping-steps / steps (+ num-samples for the uncertainty section); 14 with the defaults
+(the first four sections). ``--sections`` picks sections.
 
 Writes to ``--output``: ``control.json`` (settings, per-case rows, summaries, correlations and
 seconds per section), ``control.md`` (one table per kind of control, also printed) and one PNG per
@@ -58,22 +62,25 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from scipy import ndimage, stats
 from tqdm.auto import tqdm
 
 from diffusereg.callbacks import EarlyStopping, TrajectoryRecorder
-from diffusereg.data import ACDC_LABELS, ACDCDataset, PreprocessedPair
-from diffusereg.evaluation import (RegistrationResult, pipeline_registrar, score_case, summarize, summary_markdown,
-                                   warp_labels)
+from diffusereg.data import ACDCDataset, PreprocessedPair
+from diffusereg.evaluation import RegistrationResult, pipeline_registrar, score_case, summarize, summary_markdown
 from diffusereg.guidance import DirectionGuidance, Guide, OrganMaskGuidance, SmoothnessGuidance
 from diffusereg.io import write_atomically
-from diffusereg.metrics import acdc_dice
+from diffusereg.metrics import ACDC_LABELS, acdc_dice
 from diffusereg.pipelines import DiffuseRegPipeline
-from diffusereg.spatial import jacobian_determinant
+from diffusereg.schedulers import scheduler_of_kind
+from diffusereg.spatial import jacobian_determinant, warp_labels
+from diffusereg.visualize import LABEL_COLOURS
 
 SECTIONS = ("smoothness", "organ", "direction", "early-stopping", "uncertainty")
+PUBLISHED_SECTIONS = ("smoothness", "organ", "direction", "early-stopping")
+"""The sections of the published run (the default of ``--sections``)."""
 ORGANS = ("LV", "Myo", "RV")
-LABEL_COLOURS = {"RV": "tab:cyan", "Myo": "tab:green", "LV": "tab:orange"}
 
 SECTION_COLUMNS: dict[str, tuple[str, ...]] = {
     "smoothness": ("Overall", "d_Overall", "NJD_percent", "d_NJD_percent", "JSD", "d_JSD", "field_change"),
@@ -111,8 +118,9 @@ class Run:
         result: field ``(3, D, H, W)`` in voxels of the model grid, steps run, uncertainty.
         row: the evaluation row (``CASE_COLUMNS``, Dice in %) plus ``config``, ``seed`` and the
             section's own columns.
-        trajectory: the clean-field estimate of every step, pipeline layout ``(N, ndim, *S)``, CPU;
-            recorded only where a section needs it.
+        trajectory: the clean-field estimate of every step as ``TrajectoryRecorder`` keeps it,
+            ``(1, 3, D, H, W)`` (one sample, the call's output layout), voxels, CPU; recorded only
+            where a section needs it.
     """
 
     result: RegistrationResult
@@ -129,16 +137,11 @@ def label_mask(labels: np.ndarray, structure: str) -> np.ndarray:
     return (labels == ACDC_LABELS[structure]).astype(np.float32)
 
 
-def volume_field(x0: torch.Tensor) -> np.ndarray:
-    """A clean-field estimate of one volume and one sample as a field ``(3, D, H, W)``, voxels.
-
-    ``x0`` is ``(1, 3, D, H, W)`` for a 3D model, or ``(D, 2, H, W)`` for a 2D model that registered
-    the volume's slices (zero displacement across slices, as the pipeline returns it).
-    """
-    if x0.ndim == 5:
-        return x0[0].numpy()
-    in_plane = x0.transpose(0, 1)
-    return torch.cat([torch.zeros_like(in_plane[:1]), in_plane]).numpy()
+def warped_labels(pair: PreprocessedPair, field: np.ndarray) -> np.ndarray:
+    """The moving labels ``(D, H, W)`` of ``pair`` warped by ``field`` ``(3, D, H, W)`` (voxels,
+    nearest neighbour), as :func:`~diffusereg.evaluation.score_case` warps them."""
+    labels = torch.from_numpy(pair.moving_labels.astype(np.int64))[None, None]
+    return warp_labels(labels, torch.from_numpy(np.asarray(field, dtype=np.float32))[None])[0, 0].numpy()
 
 
 def scored(case: Case, config: str, result: RegistrationResult, seconds: float) -> Run:
@@ -307,7 +310,7 @@ def early_stopping_runs(pipe: DiffuseRegPipeline, case: Case, none: Run, args: a
             stop = replay_early_stopping(EarlyStopping(tolerance, patience=args.early_stopping_patience),
                                          full.trajectory)
             steps_run = steps if stop is None else stop + 1
-            result = RegistrationResult(volume_field(full.trajectory[steps_run - 1]), steps_run)
+            result = RegistrationResult(full.trajectory[steps_run - 1][0].numpy(), steps_run)
             run = scored(case, f"{steps} steps, EarlyStopping({tolerance:g})", result, math.nan)
             run.row.update(differences(run, full, case, ("Overall", "NJD_percent")), schedule_steps=steps,
                            tolerance=tolerance, steps_saved_percent=100.0 * (steps - steps_run) / steps)
@@ -321,7 +324,7 @@ def uncertainty_runs(pipe: DiffuseRegPipeline, case: Case, none: Run, args: argp
     run = register(pipe, case, f"{args.num_samples} samples (mean field)", args.steps, num_samples=args.num_samples)
     magnitude = np.linalg.norm(run.result.uncertainty, axis=0)  # (D, H, W), voxels
     fixed = case.pair.fixed_labels
-    warped = warp_labels(case.pair.moving_labels, run.result.field)
+    warped = warped_labels(case.pair, run.result.field)
     region = heart_region(fixed, warped, args.heart_margin)
     disagreement = (warped != fixed)[region].astype(np.float64)
     varies = 0 < disagreement.sum() < disagreement.size
@@ -439,9 +442,11 @@ def organ_figure(view: FigureSlice, runs: list[Run], args: argparse.Namespace) -
     target = ORGANS[0]
     shown = [runs[0]] + [run for run in runs[1:] if run.row["target"] == target]
     figure, axes = new_figure(len(shown), f"{view.case.name}, slice {view.depth}: warped moving labels "
-                                          f"(RV cyan, Myo green, LV orange); fixed {target} dashed white")
+                                          f"(legend below); fixed {target} dashed white")
+    handles = [Line2D([], [], color=colour, label=structure) for structure, colour in LABEL_COLOURS.items()]
+    figure.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(handles), fontsize=8)
     for ax, run in zip(axes, shown):
-        warped = view.cut(warp_labels(view.case.pair.moving_labels, run.result.field))
+        warped = view.cut(warped_labels(view.case.pair, run.result.field))
         view.show_fixed(ax, f"{run.row['config']}\n{target} Dice {run.row[target]:.1f} %, Overall "
                             f"{run.row['Overall']:.1f} %")
         ax.contour(view.cut(view.case.pair.fixed_labels) == ACDC_LABELS[target], levels=[0.5], colors="white",
@@ -484,8 +489,8 @@ def early_stopping_figure(view: FigureSlice, runs: list[Run], args: argparse.Nam
     figure.subplots_adjust(wspace=0.7)  # room for the twin axes' labels
     for ax, full in zip(axes, full_runs):
         steps = full.row["schedule_steps"]
-        dice = [100 * acdc_dice(warp_labels(view.case.pair.moving_labels, volume_field(x0)),
-                                view.case.pair.fixed_labels)["Overall"] for x0 in full.trajectory]
+        dice = [100 * acdc_dice(warped_labels(view.case.pair, x0[0].numpy()), view.case.pair.fixed_labels)["Overall"]
+                for x0 in full.trajectory]
         changes = [float((b - a).abs().mean()) for a, b in zip(full.trajectory, full.trajectory[1:])]
         ax.plot(range(1, steps + 1), dice, "o-", color="tab:blue", markersize=3)
         ax.set_xlabel("step")
@@ -510,7 +515,7 @@ def uncertainty_figure(view: FigureSlice, runs: list[Run], args: argparse.Namesp
     """The uncertainty magnitude of the sampled run next to its label disagreement, in the dilated heart."""
     sampled = runs[-1]
     fixed = view.case.pair.fixed_labels
-    warped = warp_labels(view.case.pair.moving_labels, sampled.result.field)
+    warped = warped_labels(view.case.pair, sampled.result.field)
     region = view.cut(heart_region(fixed, warped, args.heart_margin))
     figure, axes = new_figure(2, f"{view.case.name}, slice {view.depth}: {sampled.row['config']}; "
                                  f"heart dilated {args.heart_margin} voxels outlined")
@@ -537,19 +542,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/acdc/training"), help="ACDC training folder")
     parser.add_argument("--patients", type=int, nargs="+", help="only these validation patient numbers")
     parser.add_argument("--model", default="diffusereg/acdc-2d")
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/control_val"))
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/control_val10_v2"))
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(PUBLISHED_SECTIONS))
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps of every configuration")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="initial-noise seeds, the same for all")
-    parser.add_argument("--smoothness-scales", type=float, nargs="+", default=[0.01, 0.03, 0.1])
-    parser.add_argument("--organ-scales", type=float, nargs="+", default=[1.0], help="fixed-mask OrganMaskGuidance")
+    parser.add_argument("--smoothness-scales", type=float, nargs="+", default=[0.3, 1.0, 3.0])
+    parser.add_argument("--organ-scales", type=float, nargs="+", default=[100.0], help="fixed-mask OrganMaskGuidance")
     parser.add_argument("--organ-both-targets", nargs="*", choices=ORGANS, default=["LV"],
                         help="structures also guided with fixed and moving masks")
-    parser.add_argument("--organ-both-scale", type=float, default=0.5)
+    parser.add_argument("--organ-both-scale", type=float, default=1.0)
     parser.add_argument("--direction-region", choices=ORGANS, default="LV")
     parser.add_argument("--direction-offset", type=float, nargs=2, default=[0.0, 2.0], metavar=("ROWS", "COLUMNS"),
                         help="prescribed change of the region's mean displacement, voxels along H and W")
-    parser.add_argument("--direction-scales", type=float, nargs="+", default=[0.25])
+    parser.add_argument("--direction-scales", type=float, nargs="+", default=[0.5])
     parser.add_argument("--early-stopping-steps", type=int, default=50, help="the long schedule")
     parser.add_argument("--early-stopping-tolerances", type=float, nargs="+", default=[0.01, 0.02, 0.05],
                         help="voxels")
@@ -567,6 +572,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = DiffuseRegPipeline.from_pretrained(args.model)
+    pipe.scheduler = scheduler_of_kind(pipe.scheduler, "ddim")  # deterministic, as the early-stopping replay needs
     pipe.set_progress_bar_config(disable=True)
     dataset = ACDCDataset(args.data, split="val", spatial_dims=3, patients=args.patients,
                           preprocessing=pipe.preprocessing)

@@ -7,20 +7,22 @@
   (clean-field prediction) on its fields, both scored on the validation patients;
 - ``finetune_2d``, ``evaluate_2d``, ``ddpm_2d``: a 2D denoiser (``--finetune-init``, by default the
   shipped one) fine-tuned as ``configs/finetune_2d_gpu.yaml`` says on the training slices, with
-  the shipped teacher run on every batch, saved in float16 to ``--out/tuned_2d``; shipped and fine-tuned scored at DDIM 1 / 5 / 10; then the
-  better of the two (DDIM 10 Overall) sampled with DDPM over all 2000 steps on as many
-  validation patients as the budget allows.
+  the shipped pipeline's teacher run on every batch, saved in float16 to ``--out/tuned_2d``;
+  shipped and fine-tuned scored at DDIM 1 / 5 / 10; then the better of the two (DDIM 10 Overall)
+  sampled with DDPM over all 2000 steps on as many validation patients as the budget allows.
 
 Each training stage runs a short throughput probe, then resumes (``Trainer(resume=True)``, which
-stretches the cosine) with the number of steps that fits its share of the budget. Scores: the
-validation patients on the model grid, 3D Dice over the volume.
+stretches the cosine) with the number of steps that fits its share of the budget. Scores:
+:func:`diffusereg.evaluation.evaluate` on the validation patients (model grid, 3D Dice over the
+volume, Dice in percent).
 
-The data come from ``benchmarks/pack_acdc_3d.py`` (uint8 images, in memory; the trainer's
-``build_dataset`` is replaced by the in-memory split), so the machine needs neither the ACDC files
-nor SimpleITK. Results go to ``--out`` (``results.json``, the stages' ``log.csv``).
+The data come from ``benchmarks/pack_acdc_3d.py`` (uint8 images, in memory): the stages train on
+them through :class:`PackedTeacherStage` / :class:`PackedDiffusionStage` and validate on them
+(the stages' ``train_dataset`` and ``val_dataset``), so the machine needs neither the ACDC files nor SimpleITK. Results go
+to ``--out`` (``results.json``, the stages' ``log.csv``).
 
     python benchmarks/pack_acdc_3d.py --output .gpu                     # here
-    PYTHONPATH=.gpu/stubs:src python benchmarks/gpu_budget.py --data .gpu/acdc3d.xz --out results
+    PYTHONPATH=.gpu/stubs:src python benchmarks/gpu_budget.py --data .gpu/acdc3d.xz --out results --budget SECONDS
     # --smoke: a CPU dry run on (32, 64, 64) crops with a few steps per stage
 """
 from __future__ import annotations
@@ -28,64 +30,100 @@ from __future__ import annotations
 import argparse
 import json
 import lzma
-import os
+import math
+import tempfile
 import time
 import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from accelerate.state import AcceleratorState, GradientState
+from torch.utils.data import Dataset
 
-START = time.monotonic()
-parser = argparse.ArgumentParser()
-parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
-parser.add_argument("--budget", type=float, default=500.0, help="seconds for the whole script")
-parser.add_argument("--teacher-s", type=float, default=80.0)
-parser.add_argument("--diffusion-s", type=float, default=240.0)
-parser.add_argument("--val-cases", type=int, default=10)
-parser.add_argument("--data", default=".gpu/acdc3d.xz", help="benchmarks/pack_acdc_3d.py output")
-parser.add_argument("--runs", default="/tmp/gpu_runs", help="where the stages write checkpoints and models")
-parser.add_argument("--smoke", action="store_true", help="CPU dry run: cropped (32, 64, 64) volumes, few steps")
-parser.add_argument("--repeats", type=int, default=10)
-parser.add_argument("--phases", nargs="+", default=["timings_3d", "timings_2d", "teacher_3d", "diffusion_3d",
-                                                     "evaluate_3d"])
-parser.add_argument("--finetune-s", type=float, default=240.0)
-parser.add_argument("--finetune-init", default="diffusereg/acdc-2d",
-                    help="pipeline finetune_2d starts from (run 3 started from the first release, then the shipped model)")
-parser.add_argument("--finetune-batch", type=int, help="override the config's batch size")
-parser.add_argument("--ddpm-steps", type=int, default=2000, help="DDPM sampling steps (2000: the full chain)")
-parser.add_argument("--ddpm-model", choices=("best", "shipped", "tuned"), default="best",
-                    help="model sampled by ddpm_2d; best: the higher DDIM 10 Overall of evaluate_2d")
-parser.add_argument("--val-patients", nargs="+", help="only these validation patients (e.g. patient040)")
-args = parser.parse_args()
-OUT = Path(args.out)
-OUT.mkdir(parents=True, exist_ok=True)
-RESULTS: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                 "torch": torch.__version__}
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-torch.backends.cudnn.benchmark = True
-AXIS_SPACING = (3.15, 1.5, 1.5)
+from diffusereg.data import ModelGrid, PaperPreprocessing, PreprocessedPair
+from diffusereg.evaluation import Registrar, evaluate, pipeline_registrar, summarize, teacher_registrar
+from diffusereg.io import Grid
+from diffusereg.models import DiffuseRegDenoiser, RegistrationNet
+from diffusereg.pipelines import DiffuseRegPipeline
+from diffusereg.schedulers import scheduler_of_kind
+from diffusereg.training.config import DiffusionConfig, TeacherConfig, load_config
+from diffusereg.training.data import WithPhi0
+from diffusereg.training.diffusion import DiffusionStage
+from diffusereg.training.teacher import TeacherStage
+from diffusereg.training.trainer import Trainer
 
-
-def left() -> float:
-    return args.budget - (time.monotonic() - START)
-
-
-def save() -> None:
-    (OUT / "results.json").write_text(json.dumps(RESULTS, indent=1, default=float))
-
-
-def log(*parts) -> None:
-    print(f"[{time.monotonic() - START:6.1f}s]", *parts, flush=True)
-
-
-def sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
+SHIPPED_2D = "diffusereg/acdc-2d"
+IMAGE_KEYS = ("fixed", "moving", "fixed_labels", "moving_labels")
+Item = dict[str, Any]
 
 
 # ---------------------------------------------------------------- data
-def load_data(path: str):
+class Items(Dataset):
+    """A list of items as a dataset."""
+
+    def __init__(self, items: list[Item]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Item:
+        return self.items[index]
+
+
+def labelled_slices(volumes: list[Item]) -> list[Item]:
+    """2D items of the slices where either frame holds a label (``skip_empty_slices``)."""
+    items = []
+    for item in volumes:
+        for d in range(item["fixed"].shape[1]):
+            if item["fixed_labels"][0, d].any() or item["moving_labels"][0, d].any():
+                items.append({**{key: item[key][:, d] for key in IMAGE_KEYS},
+                              "patient": item["patient"], "group": item["group"], "slice": d})
+    return items
+
+
+class PackedCases:
+    """Packed volumes as :func:`diffusereg.evaluation.evaluate` reads a dataset: case names, groups
+    and preprocessed pairs on the model grid (the packed arrays are that grid; the original
+    images are not shipped, so the pairs' grids are the model grid itself)."""
+
+    spatial_dims = 3
+
+    def __init__(self, items: list[Item]) -> None:
+        self.items = items
+        self.names = [item["patient"] for item in items]
+        shape = tuple(items[0]["fixed"].shape[1:])
+        grid = Grid(shape, PaperPreprocessing().spacing, (0.0, 0.0, 0.0), tuple(np.eye(3).flatten()))
+        self.grid = ModelGrid(grid, grid, (0, 0, 0), grid)
+
+    def metadata(self, index: int) -> dict[str, str]:
+        return {"patient": self.items[index]["patient"], "group": self.items[index]["group"]}
+
+    def preprocessed(self, index: int) -> PreprocessedPair:
+        arrays = [self.items[index][key][0].numpy() for key in IMAGE_KEYS]
+        return PreprocessedPair(*arrays, grid=self.grid)
+
+
+@dataclass(frozen=True)
+class PackedData:
+    """The packed volumes, items as :mod:`diffusereg.data` gives them: ``fixed``, ``moving``
+    ``(1, D, H, W)`` float32 in ``[0, 1]``, labels int64, ``patient`` and ``group``."""
+
+    train: list[Item]
+    val: list[Item]
+
+    def dataset(self, split: str, spatial_dims: int, max_items: int | None = None) -> Items:
+        """A split as the trainer reads it: the volumes (3D) or their labelled slices (2D)."""
+        chosen = self.train if split == "train" else self.val
+        return Items((labelled_slices(chosen) if spatial_dims == 2 else chosen)[:max_items])
+
+
+def load_data(path: str, smoke: bool) -> PackedData:
+    """Read a ``benchmarks/pack_acdc_3d.py`` file; ``smoke`` crops every volume to its central 64 x 64."""
     with lzma.open(path, "rb") as f:
         names, groups, n_train = np.load(f), np.load(f), int(np.load(f)[0])
         fixed = np.cumsum(np.load(f), axis=1, dtype=np.uint8)
@@ -93,195 +131,145 @@ def load_data(path: str):
         fixed_labels, moving_labels = np.load(f), np.load(f)
     items = []
     for i in range(len(names)):
-        items.append({
+        item = {
             "fixed": torch.from_numpy(fixed[i]).float()[None] / 255.0,
             "moving": torch.from_numpy(moving[i]).float()[None] / 255.0,
             "fixed_labels": torch.from_numpy(fixed_labels[i].astype(np.int64))[None],
             "moving_labels": torch.from_numpy(moving_labels[i].astype(np.int64))[None],
             "patient": str(names[i]), "group": str(groups[i]),
-        })
-    if args.smoke:
-        for item in items:
-            for key in ("fixed", "moving", "fixed_labels", "moving_labels"):
-                item[key] = item[key][:, :, 32:96, 32:96].contiguous()
-    return items[:n_train], items[n_train:]
+        }
+        if smoke:
+            item.update({key: item[key][:, :, 32:96, 32:96].contiguous() for key in IMAGE_KEYS})
+        items.append(item)
+    return PackedData(items[:n_train], items[n_train:])
 
 
-class Items(torch.utils.data.Dataset):
-    def __init__(self, items):
-        self.items = items
+# ---------------------------------------------------------------- training on the packed data
+class PackedTeacherStage(TeacherStage):
+    """:class:`~diffusereg.training.teacher.TeacherStage` on the packed training volumes instead of
+    the files ``config.data`` names."""
 
-    def __len__(self):
-        return len(self.items)
+    def __init__(self, config: TeacherConfig, data: PackedData) -> None:
+        super().__init__(config)
+        self.data = data
 
-    def __getitem__(self, index):
-        return self.items[index]
+    def train_dataset(self) -> Dataset:
+        return self.data.dataset("train", self.config.data.spatial_dims)
 
-
-TRAIN, VAL = load_data(args.data)
-if args.val_patients:
-    VAL = [item for item in VAL if item["patient"] in args.val_patients]
-VAL = VAL[: args.val_cases]
-RESULTS["data"] = {"train_patients": len(TRAIN), "val_patients": [v["patient"] for v in VAL],
-                   "images": "uint8-quantised model-grid volumes (32, 128, 128)"}
-log("data", len(TRAIN), len(VAL))
-
-import diffusereg.training.data as tdata  # noqa: E402
-import diffusereg.training.diffusion as tdiff  # noqa: E402
-import diffusereg.training.teacher as tteach  # noqa: E402
-import diffusereg.training.trainer as ttrainer  # noqa: E402
-from diffusereg.evaluation import RegistrationResult, pipeline_registrar, teacher_registrar, warp_labels  # noqa: E402
-from diffusereg.metrics import acdc_case_metrics  # noqa: E402
-from diffusereg.models import DiffuseRegDenoiser, RegistrationNet  # noqa: E402
-from diffusereg.pipelines import DiffuseRegPipeline  # noqa: E402
-from diffusereg.training.config import DiffusionConfig, TeacherConfig, load_config  # noqa: E402
+    def val_dataset(self) -> Dataset:
+        return self.data.dataset("val", self.config.data.spatial_dims, self.config.validation.max_pairs)
 
 
-def labelled_slices(volumes):
-    """2D items of the slices where either frame holds a label (``skip_empty_slices``)."""
-    items = []
-    for item in volumes:
-        for d in range(item["fixed"].shape[1]):
-            if item["fixed_labels"][0, d].any() or item["moving_labels"][0, d].any():
-                items.append({**{key: item[key][:, d] for key in ("fixed", "moving", "fixed_labels", "moving_labels")},
-                              "patient": item["patient"], "group": item["group"], "slice": d})
-    return items
+class PackedDiffusionStage(DiffusionStage):
+    """:class:`~diffusereg.training.diffusion.DiffusionStage` on the packed training volumes or
+    slices (with the teacher's cached fields when ``phi0_source`` is ``cache``)."""
+
+    def __init__(self, config: DiffusionConfig, data: PackedData) -> None:
+        super().__init__(config)
+        self.data = data
+
+    def train_dataset(self) -> Dataset:
+        dataset = self.data.dataset("train", self.config.data.spatial_dims)
+        return dataset if self.config.phi0_source == "teacher" else WithPhi0(dataset, self.source.cache)
+
+    def val_dataset(self) -> Dataset:
+        return self.data.dataset("val", self.config.data.spatial_dims, self.config.validation.max_pairs)
 
 
-def in_memory_dataset(data, split, max_items=None):
-    chosen = TRAIN if split == "train" else VAL
-    if data.spatial_dims == 2:
-        chosen = labelled_slices(chosen)
-    return Items(chosen if max_items is None else chosen[:max_items])
+PackedStage = PackedTeacherStage | PackedDiffusionStage
 
 
-for module in (tdata, tdiff, tteach, ttrainer):
-    module.build_dataset = in_memory_dataset
-
-
-# ---------------------------------------------------------------- evaluation
-def evaluate(name: str, registrar, cases=None) -> dict:
-    rows = []
-    for item in VAL if cases is None else cases:
-        fixed, moving = item["fixed"][0].numpy(), item["moving"][0].numpy()
-        sync()
-        started = time.perf_counter()
-        result: RegistrationResult = registrar(fixed, moving)
-        sync()
-        seconds = time.perf_counter() - started
-        warped_labels = warp_labels(item["moving_labels"][0].numpy(), result.field)
-        m = acdc_case_metrics(warped_labels, item["fixed_labels"][0].numpy(), result.field, axis_spacing=AXIS_SPACING)
-        rows.append({"case": item["patient"], **{k: float(v) for k, v in m.items()}, "seconds": seconds,
-                     "steps_run": result.steps_run})
-    summary = {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0] if k not in ("case", "steps_run")}
-    summary["seconds_first"] = rows[0]["seconds"]
-    summary["seconds_median"] = float(np.median([r["seconds"] for r in rows]))
-    RESULTS.setdefault("evaluation", {})[name] = {"summary": summary, "rows": rows}
-    save()
-    log(f"{name}: Overall {100 * summary['Dice_Overall']:.2f} LV {100 * summary['Dice_LV']:.2f} "
-        f"Myo {100 * summary['Dice_Myo']:.2f} RV {100 * summary['Dice_RV']:.2f} NJD {summary['NJD_percent']:.3f} "
-        f"JSD {summary['JSD']:.3f} {summary['seconds_median']:.3f} s/case (median)")
-    return summary
-
-
-def forward_seconds(model, inputs, repeats=10, autocast=None) -> float:
-    with torch.no_grad(), torch.autocast("cuda", dtype=autocast, enabled=autocast is not None and DEVICE.type == "cuda"):
-        for _ in range(3):
-            model(*inputs)
-        sync()
-        started = time.perf_counter()
-        for _ in range(repeats):
-            model(*inputs)
-        sync()
-    return (time.perf_counter() - started) / repeats
-
-
-def phase(name):
-    def wrap(fn):
-        def run():
-            log(f"== {name} ({left():.0f} s left)")
-            try:
-                fn()
-            except Exception:  # a failed phase must not cost the later ones
-                RESULTS.setdefault("errors", {})[name] = traceback.format_exc()
-                traceback.print_exc()
-            save()
-        return run
-    return wrap
-
-
-# ---------------------------------------------------------------- 1. timings
-@phase("timings_2d_shipped")
-def timings_2d():
-    for label, kwargs in (("fp32", {}), ("fp16", {"torch_dtype": torch.float16})):
-        if label == "fp16" and DEVICE.type != "cuda":
-            continue
-        pipe = DiffuseRegPipeline.from_pretrained("diffusereg/acdc-2d", **kwargs).to(DEVICE)
-        pipe.set_progress_bar_config(disable=True)
-        den = pipe.denoiser
-        dtype = next(den.parameters()).dtype
-        x = VAL[0]["fixed"][0].to(DEVICE)[:, None].to(dtype)  # the volume's 32 slices as one batch
-        t = torch.full((x.shape[0],), 500, device=DEVICE, dtype=torch.long)
-        field = torch.zeros(x.shape[0], 2, *x.shape[2:], device=DEVICE, dtype=dtype)
-        with torch.no_grad():
-            cond = den.encode_condition(x, x)
-        RESULTS[f"shipped2d_{label}_forward_s_per_volume"] = forward_seconds(
-            lambda f, s: den(f, s, condition=cond), (field, t), repeats=args.repeats)
-        for steps in ((1, 5, 10) if label == "fp32" else (10,)):
-            evaluate(f"shipped2d_{label}_ddim{steps}", pipeline_registrar(pipe, steps))
-        log(label, "forward", RESULTS[f"shipped2d_{label}_forward_s_per_volume"])
-
-
-@phase("timings_3d_denoiser")
-def timings_3d():
-    config = load_config("configs/diffusion_3d_gpu.yaml", DiffusionConfig)
-    den = DiffuseRegDenoiser(**config.model).to(DEVICE).eval()
-    RESULTS["denoiser3d_params_M"] = sum(p.numel() for p in den.parameters()) / 1e6
-    shape = (1, 1, *(VAL[0]["fixed"].shape[1:]))
-    img = torch.rand(shape, device=DEVICE)
-    field = torch.randn(1, 3, *shape[2:], device=DEVICE)
-    t = torch.full((1,), 500, device=DEVICE, dtype=torch.long)
-    with torch.no_grad():
-        cond = den.encode_condition(img, img)
-    timing = {}
-    for label, dtype in (("fp32", None), ("bf16", torch.bfloat16))[: 2 if DEVICE.type == "cuda" else 1]:
-        torch.cuda.reset_peak_memory_stats() if DEVICE.type == "cuda" else None
-        timing[f"forward_{label}_s"] = forward_seconds(lambda f, s: den(f, s, condition=cond), (field, t),
-                                                       repeats=args.repeats, autocast=dtype)
-        timing[f"forward_with_encoder_{label}_s"] = forward_seconds(
-            lambda f, s: den(f, s, condition=den.encode_condition(img, img)), (field, t), repeats=args.repeats,
-            autocast=dtype)
-        if DEVICE.type == "cuda":
-            timing[f"peak_mem_{label}_MiB"] = torch.cuda.max_memory_allocated() / 2**20
-    RESULTS["denoiser3d_timing"] = timing
-    log(timing)
-
-
-# ---------------------------------------------------------------- 2. training
 def reset_accelerate() -> None:
     """Forget the previous Accelerator's settings (the stages differ in mixed precision)."""
-    from accelerate.state import AcceleratorState, GradientState
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
 
 
-def train_stage(kind, config, seconds: float, probe_steps: int) -> float:
-    """Probe ``probe_steps`` steps, then resume with the number of steps that fits ``seconds``."""
-    trainer_cls = ttrainer.Trainer
-    stage_cls = tteach.TeacherStage if kind is TeacherConfig else tdiff.DiffusionStage
+# ---------------------------------------------------------------- the run
+@dataclass
+class Harness:
+    """What the phases share: the flags, the device, the data, the clock and the results so far."""
+
+    args: argparse.Namespace
+    device: torch.device
+    data: PackedData
+    results: dict[str, Any]
+    started: float
+
+    @property
+    def out(self) -> Path:
+        return Path(self.args.out)
+
+    @property
+    def runs(self) -> Path:
+        return Path(self.args.runs)
+
+    def left(self) -> float:
+        """Seconds of ``--budget`` left (infinite without one)."""
+        return math.inf if self.args.budget is None else self.args.budget - (time.monotonic() - self.started)
+
+    def save(self) -> None:
+        """Write ``results.json``."""
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=1, default=float))
+
+    def log(self, *parts: Any) -> None:
+        print(f"[{time.monotonic() - self.started:6.1f}s]", *parts, flush=True)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def score(harness: Harness, name: str, registrar: Registrar, items: list[Item] | None = None) -> list[dict[str, Any]]:
+    """Evaluate ``registrar`` on ``items`` (default: the validation volumes) with
+    :func:`diffusereg.evaluation.evaluate`; store rows, summary and seconds under
+    ``evaluation/<name>`` of the results and return the rows."""
+    rows = evaluate(PackedCases(harness.data.val if items is None else items), registrar, description=name,
+                    progress=False)
+    summary = summarize(rows)
+    seconds = [row["seconds"] for row in rows]
+    harness.results.setdefault("evaluation", {})[name] = {
+        "summary": summary, "seconds_first": seconds[0], "seconds_median": float(np.median(seconds)), "rows": rows}
+    harness.save()
+    mean = {column: summary[column]["mean"] for column in summary}
+    harness.log(f"{name}: Overall {mean['Overall']:.2f} LV {mean['LV']:.2f} Myo {mean['Myo']:.2f} "
+                f"RV {mean['RV']:.2f} NJD {mean['NJD_percent']:.3f} JSD {mean['JSD']:.3f} "
+                f"{np.median(seconds):.3f} s/case (median)")
+    return rows
+
+
+def forward_seconds(harness: Harness, model: Callable[..., Any], inputs: Sequence[torch.Tensor], repeats: int,
+                    autocast: torch.dtype | None = None) -> float:
+    """Mean seconds of ``model(*inputs)`` over ``repeats`` calls after 3 warm-up calls."""
+    enabled = autocast is not None and harness.device.type == "cuda"
+    with torch.no_grad(), torch.autocast("cuda", dtype=autocast, enabled=enabled):
+        for _ in range(3):
+            model(*inputs)
+        harness.sync()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            model(*inputs)
+        harness.sync()
+    return (time.perf_counter() - started) / repeats
+
+
+def train_stage(harness: Harness, name: str, stage_cls: type[PackedStage], config: TeacherConfig | DiffusionConfig,
+                seconds: float, probe_steps: int) -> float:
+    """Probe ``probe_steps`` steps, then resume with the number of steps that fits ``seconds``;
+    the stage's record goes to ``training/<name>`` of the results. Returns seconds per step."""
     config.train.max_steps = 10**6
     config.train.checkpoint_every = 10**6
     config.validation.every = 0
-    if args.smoke:
-        config.data.size = list(TRAIN[0]["fixed"].shape[1:])
+    if harness.args.smoke:
+        config.data.size = list(harness.data.train[0]["fixed"].shape[1:])
     started = time.monotonic()
     reset_accelerate()
-    trainer = trainer_cls(stage_cls(config), resume=False)
+    trainer = Trainer(stage_cls(config, harness.data), resume=False)
     setup_s = time.monotonic() - started
     stamps: dict[int, float] = {}
 
-    def stamp(step, batch, losses):
-        sync()
+    def stamp(step: int, batch: dict[str, Any], losses: dict[str, torch.Tensor]) -> None:
+        harness.sync()
         stamps[step] = time.monotonic()
 
     trainer.fit(until_step=probe_steps, on_step=stamp)
@@ -290,145 +278,262 @@ def train_stage(kind, config, seconds: float, probe_steps: int) -> float:
     trainer.close()
     remaining = seconds - (time.monotonic() - started)
     total = max(probe_steps + 10, int(probe_steps + remaining / per_step))
-    log(f"{kind.__name__}: setup {setup_s:.1f} s, {per_step * 1000:.0f} ms/step -> max_steps {total}")
+    harness.log(f"{name}: setup {setup_s:.1f} s, {per_step * 1000:.0f} ms/step -> max_steps {total}")
     config.train.max_steps = total
     config.train.checkpoint_every = max(total // 4, 1)
     reset_accelerate()
-    trainer = trainer_cls(stage_cls(config), resume=True)
-    t1 = time.monotonic()
+    trainer = Trainer(stage_cls(config, harness.data), resume=True)
+    trained = time.monotonic()
     last = trainer.fit()
     trainer.close()
-    RESULTS.setdefault("training", {})[kind.__name__] = {
-        "steps": total, "probe_ms_per_step": per_step * 1000,
-        "train_s": time.monotonic() - t1, "batch_size": config.data.batch_size,
-        "last_row": last, "mixed_precision": config.train.mixed_precision}
-    log(kind.__name__, RESULTS["training"][kind.__name__])
+    harness.results.setdefault("training", {})[name] = {
+        "steps": total, "probe_ms_per_step": per_step * 1000, "train_s": time.monotonic() - trained,
+        "batch_size": config.data.batch_size, "last_row": last, "mixed_precision": config.train.mixed_precision}
+    harness.log(name, harness.results["training"][name])
     return per_step
 
 
-@phase("teacher_3d")
-def teacher_3d():
+def copy_log(harness: Harness, config: TeacherConfig | DiffusionConfig, name: str) -> None:
+    """The stage's ``log.csv`` as ``--out/<name>_log.csv``."""
+    (harness.out / f"{name}_log.csv").write_bytes(Path(config.train.output_dir, "log.csv").read_bytes())
+
+
+# ---------------------------------------------------------------- 1. timings
+def timings_2d(harness: Harness) -> None:
+    """The shipped 2D pipeline: denoiser forward on one volume's slices, DDIM 1 / 5 / 10 scores
+    (fp32) and DDIM 10 in float16 weights (GPU only)."""
+    device, val = harness.device, harness.data.val
+    for label, kwargs in (("fp32", {}), ("fp16", {"dtype": torch.float16})):
+        if label == "fp16" and device.type != "cuda":
+            continue
+        pipe = DiffuseRegPipeline.from_pretrained(SHIPPED_2D, **kwargs).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        den = pipe.denoiser
+        x = val[0]["fixed"][0].to(device)[:, None].to(den.dtype)  # the volume's slices as one batch
+        t = torch.full((x.shape[0],), 500, device=device, dtype=torch.long)
+        zero_field = torch.zeros(x.shape[0], 2, *x.shape[2:], device=device, dtype=den.dtype)
+        with torch.no_grad():
+            cond = den.encode_condition(x, x)
+        key = f"shipped2d_{label}_forward_s_per_volume"
+        harness.results[key] = forward_seconds(harness, lambda f, s: den(f, s, condition=cond), (zero_field, t),
+                                               repeats=harness.args.repeats)
+        for steps in ((1, 5, 10) if label == "fp32" else (10,)):
+            score(harness, f"shipped2d_{label}_ddim{steps}", pipeline_registrar(pipe, steps))
+        harness.log(label, "forward", harness.results[key])
+
+
+def timings_3d(harness: Harness) -> None:
+    """The 3D denoiser of ``configs/diffusion_3d_gpu.yaml``: forward seconds with and without the
+    condition encoder, fp32 and bf16 autocast (GPU), peak memory."""
+    device, repeats = harness.device, harness.args.repeats
+    config = load_config("configs/diffusion_3d_gpu.yaml", DiffusionConfig)
+    den = DiffuseRegDenoiser(**config.model).to(device).eval()
+    harness.results["denoiser3d_params_M"] = sum(p.numel() for p in den.parameters()) / 1e6
+    shape = (1, 1, *harness.data.val[0]["fixed"].shape[1:])
+    img = torch.rand(shape, device=device)
+    noisy = torch.randn(1, 3, *shape[2:], device=device)
+    t = torch.full((1,), 500, device=device, dtype=torch.long)
+    with torch.no_grad():
+        cond = den.encode_condition(img, img)
+    timing = {}
+    for label, dtype in (("fp32", None), ("bf16", torch.bfloat16))[: 2 if device.type == "cuda" else 1]:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        timing[f"forward_{label}_s"] = forward_seconds(harness, lambda f, s: den(f, s, condition=cond), (noisy, t),
+                                                       repeats=repeats, autocast=dtype)
+        timing[f"forward_with_encoder_{label}_s"] = forward_seconds(
+            harness, lambda f, s: den(f, s, condition=den.encode_condition(img, img)), (noisy, t), repeats=repeats,
+            autocast=dtype)
+        if device.type == "cuda":
+            timing[f"peak_mem_{label}_MiB"] = torch.cuda.max_memory_allocated() / 2**20
+    harness.results["denoiser3d_timing"] = timing
+    harness.log(timing)
+
+
+# ---------------------------------------------------------------- 2. the 3D stages
+def teacher_3d(harness: Harness) -> None:
+    """``configs/teacher_3d_gpu.yaml`` at a higher learning rate for ``--teacher-s``; scored."""
     config = load_config("configs/teacher_3d_gpu.yaml", TeacherConfig)
-    config.train.output_dir = f"{args.runs}/teacher_3d"
+    config.train.output_dir = str(harness.runs / "teacher_3d")
     config.data.num_workers = 0
     config.optim.lr = 1e-3  # as the 2D teacher; a few minutes, not 30000 steps
     config.data.batch_size = 4
     config.train.mixed_precision = "no"
     config.train.log_every = 50
-    train_stage(TeacherConfig, config, args.teacher_s, probe_steps=8 if args.smoke else 25)
-    (OUT / "teacher_3d_log.csv").write_bytes(Path(config.train.output_dir, "log.csv").read_bytes())
-    model = RegistrationNet.from_pretrained(f"{args.runs}/teacher_3d/teacher").to(DEVICE).eval()
-    evaluate("teacher3d", teacher_registrar(model))
+    train_stage(harness, "teacher_3d", PackedTeacherStage, config, harness.args.teacher_s,
+                probe_steps=8 if harness.args.smoke else 25)
+    copy_log(harness, config, "teacher_3d")
+    model = RegistrationNet.from_pretrained(harness.runs / "teacher_3d" / "teacher").to(harness.device).eval()
+    score(harness, "teacher3d", teacher_registrar(model))
 
 
-@phase("diffusion_3d")
-def diffusion_3d():
+def diffusion_3d(harness: Harness) -> None:
+    """``configs/diffusion_3d_gpu.yaml`` (clean-field prediction) on the fields of ``teacher_3d``
+    for ``--diffusion-s``."""
     config = load_config("configs/diffusion_3d_gpu.yaml", DiffusionConfig)
-    config.train.output_dir = f"{args.runs}/diffusion_3d"
-    config.teacher = f"{args.runs}/teacher_3d"
+    config.train.output_dir = str(harness.runs / "diffusion_3d")
+    config.teacher = str(harness.runs / "teacher_3d")
     config.data.num_workers = 0
     config.data.batch_size = 2
     config.model["prediction_type"] = "sample"  # as the shipped 2D model (docs/training.md)
     config.optim.lr = 2e-4
     config.optim.warmup_steps = 50
-    config.train.mixed_precision = "bf16" if DEVICE.type == "cuda" else "no"
+    config.train.mixed_precision = "bf16" if harness.device.type == "cuda" else "no"
     config.train.log_every = 50
     config.validation.num_inference_steps = 10
-    train_stage(DiffusionConfig, config, min(args.diffusion_s, left() - 90), probe_steps=7 if args.smoke else 15)
-    (OUT / "diffusion_3d_log.csv").write_bytes(Path(config.train.output_dir, "log.csv").read_bytes())
+    train_stage(harness, "diffusion_3d", PackedDiffusionStage, config,
+                min(harness.args.diffusion_s, harness.left() - 90), probe_steps=7 if harness.args.smoke else 15)
+    copy_log(harness, config, "diffusion_3d")
 
 
-@phase("evaluate_3d")
-def evaluate_3d():
-    pipe = DiffuseRegPipeline.from_pretrained(f"{args.runs}/diffusion_3d/pipeline").to(DEVICE)
-    RESULTS["diffusion3d_params_M"] = sum(p.numel() for p in pipe.denoiser.parameters()) / 1e6
+def evaluate_3d(harness: Harness) -> None:
+    """The 3D pipeline of ``diffusion_3d`` at DDIM 1 / 5 / 10, while the budget lasts."""
+    pipe = DiffuseRegPipeline.from_pretrained(harness.runs / "diffusion_3d" / "pipeline").to(harness.device)
+    harness.results["diffusion3d_params_M"] = sum(p.numel() for p in pipe.denoiser.parameters()) / 1e6
     pipe.set_progress_bar_config(disable=True)
     for steps in (1, 5, 10):
-        if left() < 25:
+        if harness.left() < 25:
             break
-        evaluate(f"diffusereg3d_ddim{steps}", pipeline_registrar(pipe, steps))
+        score(harness, f"diffusereg3d_ddim{steps}", pipeline_registrar(pipe, steps))
 
 
-# ---------------------------------------------------------------- 4. the shipped 2D model, fine-tuned
-SHIPPED_2D = "diffusereg/acdc-2d"
-
-
-@phase("finetune_2d")
-def finetune_2d():
-    """``configs/finetune_2d_gpu.yaml`` from ``--finetune-init``, for the steps that fit the budget."""
-    from diffusereg.hub import resolve_model
-    teacher_dir = Path(args.runs) / "teacher_2d"  # the shipped teacher in a stage-1 layout
-    teacher_dir.mkdir(parents=True, exist_ok=True)
-    shipped_teacher = Path(resolve_model(SHIPPED_2D)) / "teacher"
-    (teacher_dir / "field_stats.json").write_bytes((shipped_teacher / "field_stats.json").read_bytes())
-    if not (teacher_dir / "teacher").exists():
-        (teacher_dir / "teacher").symlink_to(shipped_teacher.resolve())
+# ---------------------------------------------------------------- 3. the shipped 2D model, fine-tuned
+def finetune_2d(harness: Harness) -> None:
+    """``configs/finetune_2d_gpu.yaml`` from ``--finetune-init`` with the shipped pipeline's teacher,
+    for the steps that fit ``--finetune-s``; saved in float16 to ``--out/tuned_2d``."""
+    args = harness.args
     config = load_config("configs/finetune_2d_gpu.yaml", DiffusionConfig)
-    config.init_weights, config.teacher = args.finetune_init, str(teacher_dir)
-    config.train.output_dir = f"{args.runs}/finetune_2d"
+    config.init_weights, config.teacher = args.finetune_init, SHIPPED_2D
+    config.train.output_dir = str(harness.runs / "finetune_2d")
     config.data.num_workers = 0
     if args.finetune_batch is not None:
         config.data.batch_size = args.finetune_batch
-    if DEVICE.type != "cuda":
+    if harness.device.type != "cuda":
         config.train.mixed_precision = "no"
-    RESULTS["finetune_2d_slices"] = len(labelled_slices(TRAIN))
-    train_stage(DiffusionConfig, config, min(args.finetune_s, left() - 150), probe_steps=6 if args.smoke else 15)
-    (OUT / "finetune_2d_log.csv").write_bytes(Path(config.train.output_dir, "log.csv").read_bytes())
-    tuned = DiffuseRegPipeline.from_pretrained(f"{args.runs}/finetune_2d/pipeline")
+    harness.results["finetune_2d_slices"] = len(labelled_slices(harness.data.train))
+    train_stage(harness, "finetune_2d", PackedDiffusionStage, config, min(args.finetune_s, harness.left() - 150),
+                probe_steps=6 if args.smoke else 15)
+    copy_log(harness, config, "finetune_2d")
+    tuned = DiffuseRegPipeline.from_pretrained(harness.runs / "finetune_2d" / "pipeline")
     tuned.denoiser.to(torch.float16)
-    tuned.save_pretrained(OUT / "tuned_2d")
+    tuned.save_pretrained(harness.out / "tuned_2d")
 
 
-def pipeline_2d(name: str) -> DiffuseRegPipeline:
-    path = SHIPPED_2D if name == "shipped" else f"{args.runs}/finetune_2d/pipeline"
-    pipe = DiffuseRegPipeline.from_pretrained(path).to(DEVICE)
+def pipeline_2d(harness: Harness, name: str) -> DiffuseRegPipeline:
+    """The shipped (``"shipped"``) or fine-tuned (``"tuned"``) 2D pipeline in float32 on the device."""
+    path = SHIPPED_2D if name == "shipped" else harness.runs / "finetune_2d" / "pipeline"
+    pipe = DiffuseRegPipeline.from_pretrained(path).to(harness.device)
     pipe.denoiser.to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-@phase("evaluate_2d")
-def evaluate_2d():
+def evaluate_2d(harness: Harness) -> None:
+    """Fine-tuned and shipped 2D pipelines at DDIM 1 / 5 / 10."""
     for name in ("tuned", "shipped"):
-        pipe = pipeline_2d(name)
+        pipe = pipeline_2d(harness, name)
         for steps in (1, 5, 10):
-            evaluate(f"{name}2d_ddim{steps}", pipeline_registrar(pipe, steps))
+            score(harness, f"{name}2d_ddim{steps}", pipeline_registrar(pipe, steps))
 
 
-@phase("ddpm_2d")
-def ddpm_2d():
+def ddpm_2d(harness: Harness) -> None:
+    """``--ddpm-model`` sampled with DDPM over ``--ddpm-steps``, case by case while the budget lasts."""
+    args, device = harness.args, harness.device
     name = args.ddpm_model
     if name == "best":
-        evaluation = RESULTS.get("evaluation", {})
+        evaluation = harness.results.get("evaluation", {})
         if not {"tuned2d_ddim10", "shipped2d_ddim10"} <= set(evaluation):
             raise RuntimeError("--ddpm-model best compares the evaluate_2d scores: run that phase first, "
                                "or name the model (--ddpm-model shipped / tuned)")
-        scores = {name: evaluation[f"{name}2d_ddim10"]["summary"]["Dice_Overall"] for name in ("tuned", "shipped")}
+        scores = {model: evaluation[f"{model}2d_ddim10"]["summary"]["Overall"]["mean"]
+                  for model in ("tuned", "shipped")}
         name = max(scores, key=scores.get)
-    pipe = pipeline_2d(name)
-    den, x = pipe.denoiser, VAL[0]["fixed"][0].to(DEVICE)[:, None]
-    t = torch.full((x.shape[0],), 500, device=DEVICE, dtype=torch.long)
+    pipe = pipeline_2d(harness, name)
+    den, x = pipe.denoiser, harness.data.val[0]["fixed"][0].to(device)[:, None]
+    t = torch.full((x.shape[0],), 500, device=device, dtype=torch.long)
     with torch.no_grad():
         cond = den.encode_condition(x, x)
-    forward_s = forward_seconds(lambda f, s: den(f, s, condition=cond),
-                                (torch.zeros(x.shape[0], 2, *x.shape[2:], device=DEVICE), t), repeats=args.repeats)
-    register = pipeline_registrar(pipe, args.ddpm_steps, scheduler="ddpm")
-    record = RESULTS["ddpm_2d"] = {"model": name, "steps": args.ddpm_steps, "forward_s_per_volume": forward_s,
-                                   "rows": []}
-    for item in VAL:
+    forward_s = forward_seconds(harness, lambda f, s: den(f, s, condition=cond),
+                                (torch.zeros(x.shape[0], 2, *x.shape[2:], device=device), t), repeats=args.repeats)
+    pipe.scheduler = scheduler_of_kind(pipe.scheduler, "ddpm")
+    register = pipeline_registrar(pipe, args.ddpm_steps)
+    record = harness.results["ddpm_2d"] = {"model": name, "steps": args.ddpm_steps, "forward_s_per_volume": forward_s,
+                                           "rows": []}
+    for item in harness.data.val:
         expected = args.ddpm_steps * forward_s * 1.3 + 5
-        if left() < expected:
-            log(f"ddpm: {left():.0f} s left, a case needs ~{expected:.0f} s: stop")
+        if harness.left() < expected:
+            harness.log(f"ddpm: {harness.left():.0f} s left, a case needs ~{expected:.0f} s: stop")
             break
-        record["rows"].append({"case": item["patient"], **evaluate(f"ddpm_{item['patient']}", register, [item])})
-        save()
+        record["rows"] += score(harness, f"ddpm_{item['patient']}", register, [item])
+        harness.save()
 
 
-PHASES = {"timings_3d": timings_3d, "timings_2d": timings_2d, "teacher_3d": teacher_3d,
-          "diffusion_3d": diffusion_3d, "evaluate_3d": evaluate_3d, "finetune_2d": finetune_2d,
-          "evaluate_2d": evaluate_2d, "ddpm_2d": ddpm_2d}
-for name in args.phases:
-    PHASES[name]()
-RESULTS["total_s"] = time.monotonic() - START
-save()
-log("done")
+PHASES: dict[str, Callable[[Harness], None]] = {
+    "timings_3d": timings_3d, "timings_2d": timings_2d, "teacher_3d": teacher_3d, "diffusion_3d": diffusion_3d,
+    "evaluate_3d": evaluate_3d, "finetune_2d": finetune_2d, "evaluate_2d": evaluate_2d, "ddpm_2d": ddpm_2d}
+
+
+def run_phase(harness: Harness, name: str) -> None:
+    """Run one phase; a failure is recorded under ``errors/<name>`` and does not stop the later ones."""
+    harness.log(f"== {name} ({harness.left():.0f} s left)")
+    try:
+        PHASES[name](harness)
+    except Exception:  # a failed phase must not cost the later ones
+        harness.results.setdefault("errors", {})[name] = traceback.format_exc()
+        traceback.print_exc()
+    harness.save()
+
+
+# ---------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="outputs/gpu_budget", help="folder for results.json, the logs and tuned_2d")
+    parser.add_argument("--budget", type=float, help="seconds for the whole script (default: no limit)")
+    parser.add_argument("--teacher-s", type=float, default=80.0)
+    parser.add_argument("--diffusion-s", type=float, default=240.0)
+    parser.add_argument("--val-cases", type=int, default=10)
+    parser.add_argument("--data", default=".gpu/acdc3d.xz", help="benchmarks/pack_acdc_3d.py output")
+    parser.add_argument("--runs", help="where the stages write checkpoints and models (default: a new temporary "
+                                       "folder; later phases in another call need the same --runs)")
+    parser.add_argument("--smoke", action="store_true", help="CPU dry run: cropped (32, 64, 64) volumes, few steps")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--phases", nargs="+", choices=PHASES,
+                        default=["timings_3d", "timings_2d", "teacher_3d", "diffusion_3d", "evaluate_3d"])
+    parser.add_argument("--finetune-s", type=float, default=240.0)
+    parser.add_argument("--finetune-init", default=SHIPPED_2D,
+                        help="pipeline finetune_2d starts from (run 3 started from the first release, then the "
+                             "shipped model)")
+    parser.add_argument("--finetune-batch", type=int, help="override the config's batch size")
+    parser.add_argument("--ddpm-steps", type=int, default=2000, help="DDPM sampling steps (2000: the full chain)")
+    parser.add_argument("--ddpm-model", choices=("best", "shipped", "tuned"), default="best",
+                        help="model sampled by ddpm_2d; best: the higher DDIM 10 Overall of evaluate_2d")
+    parser.add_argument("--val-patients", nargs="+", help="only these validation patients (e.g. patient040)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the ``--phases`` in order; ``results.json`` is rewritten after every step of them."""
+    args = parse_args(argv)
+    started = time.monotonic()
+    if args.runs is None:
+        args.runs = tempfile.mkdtemp(prefix="gpu_budget_runs_")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    data = load_data(args.data, args.smoke)
+    val = [item for item in data.val if args.val_patients is None or item["patient"] in args.val_patients]
+    data = PackedData(data.train, val[: args.val_cases])
+    results = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "torch": torch.__version__,
+               "data": {"train_patients": len(data.train), "val_patients": [item["patient"] for item in data.val],
+                        "images": "uint8-quantised model-grid volumes (32, 128, 128)"}}
+    harness = Harness(args, device, data, results, started)
+    harness.log("data", len(data.train), len(data.val), "runs in", args.runs)
+    for name in args.phases:
+        run_phase(harness, name)
+    results["total_s"] = time.monotonic() - started
+    harness.save()
+    harness.log("done")
+
+
+if __name__ == "__main__":
+    main()

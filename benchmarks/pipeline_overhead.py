@@ -16,7 +16,8 @@ import time
 import torch
 
 from diffusereg.models import DiffuseRegDenoiser
-from diffusereg.pipelines import DiffuseRegPipeline, default_scheduler
+from diffusereg.pipelines import DiffuseRegPipeline
+from diffusereg.schedulers import default_scheduler
 
 
 def best_of(repeats: int, fn) -> float:

@@ -110,6 +110,7 @@ def test_organ_guidance_steers_the_untrained_model_to_a_better_dice(registered: 
         assert after[structure] >= before[structure], structure
 
 
+@pytest.mark.slow
 @pytest.mark.acdc
 def test_console_script_registers_an_acdc_patient(tiny_model: Path, patient_files: list[str], tmp_path: Path):
     script = Path(sys.executable).with_name("diffusereg")
@@ -185,26 +186,17 @@ def test_bad_input_exits_2_with_one_line(problem: str, tiny_model: Path, phantom
 
 
 def test_register_can_start_from_the_models_teacher(coarse_tiny_model: Path, phantom_pairs: Path, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]):
-    """--start-from-teacher: the teacher runs on the preprocessed images (init_field as a function),
-    the last STRENGTH of the steps run; a model without MODEL/teacher is refused before any output."""
-    import shutil
-
-    import torch
-
-    from diffusereg.models import RegistrationNet
-
-    model = tmp_path / "model"
-    shutil.copytree(coarse_tiny_model, model)
+                                                   with_teacher, capsys: pytest.CaptureFixture[str]):
+    """--start-from-teacher: the pipeline's teacher component runs on the model-grid images
+    (init_field="teacher"), the last STRENGTH of the steps run; a model without a teacher is
+    refused before any output."""
     pair = phantom_pairs / "pair1"
     arguments = ["register", str(pair / "ed.nii.gz"), str(pair / "es.nii.gz"), "-o", str(tmp_path / "out"),
-                 "--model", str(model), "--steps", "4", "--start-from-teacher", "0.5"]
+                 "--model", str(coarse_tiny_model), "--steps", "4", "--start-from-teacher", "0.5"]
     assert main(arguments) == 2
     assert "has no one-shot teacher" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-    torch.manual_seed(0)
-    RegistrationNet(spatial_dims=2, channels=(8, 8, 8, 8), unet_out_channels=8,
-                    final_conv_channels=(8,)).save_pretrained(model / "teacher")
+    arguments[arguments.index("--model") + 1] = str(with_teacher(coarse_tiny_model, tmp_path / "model"))
     assert main(arguments) == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["steps_run"] == 2 and metrics["start_from_teacher"] == 0.5

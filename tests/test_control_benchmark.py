@@ -15,7 +15,8 @@ import torch
 
 from diffusereg.callbacks import EarlyStopping, TrajectoryRecorder
 from diffusereg.models import DiffuseRegDenoiser
-from diffusereg.pipelines import DiffuseRegPipeline, default_scheduler
+from diffusereg.pipelines import DiffuseRegPipeline
+from diffusereg.schedulers import default_scheduler
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "control.py"
 
@@ -64,8 +65,8 @@ def test_every_section_runs_on_one_case_and_writes_finite_numbers(control: Modul
     tiny_pipeline((8, 64, 64)).save_pretrained(tmp_path / "model")
     output = tmp_path / "out"
     report = control.main(["--data", str(acdc_root), "--patients", "10", "--model", str(tmp_path / "model"),
-                           "--output", str(output), "--steps", "2", "--smoothness-scales", "0.05",
-                           "--organ-scales", "1", "--early-stopping-steps", "4",
+                           "--output", str(output), "--sections", *control.SECTIONS, "--steps", "2",
+                           "--smoothness-scales", "0.05", "--organ-scales", "1", "--early-stopping-steps", "4",
                            "--early-stopping-tolerances", "0.01", "1000", "--num-samples", "3", "--threads", "1"])
 
     assert json.loads((output / "control.json").read_text()) == report
@@ -80,7 +81,7 @@ def test_every_section_runs_on_one_case_and_writes_finite_numbers(control: Modul
 
     rows = {row["config"]: row for row in report["sections"]["organ"]["rows"]}
     assert set(rows) == {"none", "LV: fixed mask, scale 1", "Myo: fixed mask, scale 1", "RV: fixed mask, scale 1",
-                         "LV: fixed+moving masks, scale 0.5"}
+                         "LV: fixed+moving masks, scale 1"}
     assert rows["LV: fixed mask, scale 1"]["d_target"] == pytest.approx(rows["LV: fixed mask, scale 1"]["LV"]
                                                                          - rows["none"]["LV"])
 
@@ -96,3 +97,11 @@ def test_every_section_runs_on_one_case_and_writes_finite_numbers(control: Modul
     assert all(sampled[f"uncertainty_{s}"] > 0 for s in ("LV", "Myo", "RV")) and -1 <= sampled["voxel_r"] <= 1
     pooled = report["sections"]["uncertainty"]["correlations"]["structure_spearman_pooled"]
     assert pooled["n"] == 3 and (pooled["rho"] is None or -1 <= pooled["rho"] <= 1)
+
+
+def test_defaults_are_the_settings_of_the_published_run(control: ModuleType) -> None:
+    published = SCRIPT.parent / "results" / "control_val10_v2" / "control.json"
+    settings = json.loads(published.read_text())["settings"]
+    defaults = {key: str(value) if isinstance(value, Path) else value
+                for key, value in vars(control.parse_args([])).items()}
+    assert defaults == {key: settings[key] for key in defaults}

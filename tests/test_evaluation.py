@@ -71,19 +71,15 @@ def test_a_2d_teacher_registers_a_volume_slice_by_slice() -> None:
     np.testing.assert_allclose(field[1:, 1], second_slice, atol=1e-5)
 
 
-def test_a_pipeline_can_start_from_another_methods_field(tiny_model: Path) -> None:
-    """``start=`` hands that method's field to the pipeline as ``init_field``: with strength 0.1 one
-    step runs, and the untrained denoiser (noise prediction 0) leaves the given field almost as is."""
+def test_a_pipeline_registrar_passes_a_start_field(tiny_model: Path) -> None:
+    """``init_field`` reaches the pipeline: with strength 0.1 one step runs, and the untrained
+    denoiser (noise prediction 0) leaves the given field almost as is."""
     pipe = DiffuseRegPipeline.from_pretrained(str(tiny_model))
     pipe.set_progress_bar_config(disable=True)
     given = np.zeros((3, 2, 32, 32), dtype=np.float32)
     given[2] = 1.5  # one voxel along W, every slice
-
-    def shift(fixed: np.ndarray, moving: np.ndarray) -> RegistrationResult:
-        return RegistrationResult(given)
-
     fixed, moving = np.random.default_rng(0).random((2, 2, 32, 32), dtype=np.float32)
-    result = pipeline_registrar(pipe, 10, start=shift, strength=0.1)(fixed, moving)
+    result = pipeline_registrar(pipe, 10, init_field=given, strength=0.1)(fixed, moving)
     assert result.steps_run == 1
     np.testing.assert_allclose(result.field, given, atol=0.05)
 
@@ -117,16 +113,13 @@ def test_cli_writes_per_case_csv_and_summaries(acdc_root: Path, tiny_model: Path
 
 
 @pytest.mark.acdc
-def test_cli_can_start_from_the_models_teacher(acdc_root: Path, tiny_model: Path, tmp_path: Path,
+def test_cli_can_start_from_the_models_teacher(acdc_root: Path, tiny_model: Path, tmp_path: Path, with_teacher,
                                                capsys: pytest.CaptureFixture) -> None:
-    model = tmp_path / "model"
-    shutil.copytree(tiny_model, model)  # a teacher is added below; the shared fixture stays as it is
-    arguments = ["evaluate", "--data", str(acdc_root), "--patients", "10", "--model", str(model), "--steps", "4",
+    arguments = ["evaluate", "--data", str(acdc_root), "--patients", "10", "--model", str(tiny_model), "--steps", "4",
                  "--start-from-teacher", "0.5", "-o", str(tmp_path / "evaluation")]
     assert main(arguments) != 0
     assert "has no one-shot teacher" in capsys.readouterr().err
-    RegistrationNet(spatial_dims=2, channels=(8, 8, 8, 8), unet_out_channels=8,
-                    final_conv_channels=(8,)).save_pretrained(model / "teacher")
+    arguments[arguments.index("--model") + 1] = str(with_teacher(tiny_model, tmp_path / "model"))
     assert main(arguments) == 0
     with (tmp_path / "evaluation" / "cases.csv").open() as stream:
         assert [int(row["steps_run"]) for row in csv.DictReader(stream)] == [2]

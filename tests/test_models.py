@@ -372,7 +372,7 @@ def test_teacher_to_drops_cached_grids() -> None:
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
 def test_every_prediction_type_gives_back_the_clean_field_and_the_noise(prediction_type: str) -> None:
-    from diffusereg.models import clean_and_noise, prediction_target
+    from diffusereg.schedulers import clean_and_noise, prediction_target
 
     gen = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(2, 2, 2, 8, 8, generator=gen)

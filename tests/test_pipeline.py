@@ -22,19 +22,13 @@ from diffusereg.guidance import (
 )
 from diffusereg.losses import gradient_loss, ssim_loss
 from diffusereg.models import DiffuseRegDenoiser
-from diffusereg.pipelines import DiffuseRegPipeline, default_scheduler
+from diffusereg.pipelines import DiffuseRegPipeline
+from diffusereg.models import RegistrationNet
+from diffusereg.schedulers import default_scheduler, scheduler_of_kind
 from diffusereg.spatial import warp
+from tiny import tiny_denoiser
 
 SIZE = 32
-
-
-def tiny_denoiser(spatial_dims: int) -> DiffuseRegDenoiser:
-    torch.manual_seed(0)
-    ndim = spatial_dims
-    return DiffuseRegDenoiser(
-        spatial_dims=spatial_dims, feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
-        field_mean=[0.0] * ndim, field_std=[0.02] * ndim,
-    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +54,23 @@ def seed(n: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(n)
 
 
+def with_scheduler(pipe: DiffuseRegPipeline, kind: str) -> DiffuseRegPipeline:
+    pipe.scheduler = scheduler_of_kind(pipe.scheduler, kind)
+    return pipe
+
+
 @pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
 def test_fields_have_the_input_layout(pipe2d, pair, scheduler):
     fixed, moving = pair
-    single = pipe2d(fixed, moving, num_inference_steps=3, scheduler=scheduler, generator=seed())
+    with_scheduler(pipe2d, scheduler)
+    single = pipe2d(fixed, moving, num_inference_steps=3, generator=seed())
     assert single.field.shape == (2, SIZE, SIZE) and single.warped.shape == (SIZE, SIZE)
     assert single.num_steps_run == 3 and torch.isfinite(single.field).all()
 
     batched = pipe2d(torch.stack([fixed] * 3)[:, None], torch.stack([moving] * 3)[:, None], num_inference_steps=2,
-                     scheduler=scheduler, generator=seed(), output_type="np")
+                     generator=seed(), output_type="np")
     assert isinstance(batched.field, np.ndarray) and batched.field.shape == (3, 2, SIZE, SIZE)
+    with_scheduler(pipe2d, "ddim")
 
 
 def test_2d_model_registers_a_volume_slice_by_slice(pipe2d, pair):
@@ -94,11 +95,13 @@ def test_3d_model_takes_the_volume_whole(pair):
 def test_same_seed_same_field_other_seed_other_field(pipe2d, pair):
     fixed, moving = pair
     for scheduler in ("ddim", "ddpm"):
-        a = pipe2d(fixed, moving, num_inference_steps=3, scheduler=scheduler, generator=seed(7)).field
-        b = pipe2d(fixed, moving, num_inference_steps=3, scheduler=scheduler, generator=seed(7)).field
-        c = pipe2d(fixed, moving, num_inference_steps=3, scheduler=scheduler, generator=seed(8)).field
+        with_scheduler(pipe2d, scheduler)
+        a = pipe2d(fixed, moving, num_inference_steps=3, generator=seed(7)).field
+        b = pipe2d(fixed, moving, num_inference_steps=3, generator=seed(7)).field
+        c = pipe2d(fixed, moving, num_inference_steps=3, generator=seed(8)).field
         assert torch.equal(a, b)
         assert not torch.allclose(a, c)
+    with_scheduler(pipe2d, "ddim")
 
 
 def test_callback_stops_at_step_3_of_10(pipe2d, pair):
@@ -107,29 +110,37 @@ def test_callback_stops_at_step_3_of_10(pipe2d, pair):
 
     def stop_after_three(pipe, step, timestep, kwargs):
         seen.append(step)
-        assert set(kwargs) == {"x0", "warped", "field_t"}
+        assert set(kwargs) == {"x0", "warped"}
+        assert kwargs["x0"].shape == (1, 2, SIZE, SIZE) and kwargs["warped"].shape == (1, SIZE, SIZE)
         if step == 2:
             pipe.interrupt = True
         return kwargs
 
     out = pipe2d(fixed, moving, num_inference_steps=10, callback_on_step_end=stop_after_three,
-                 callback_on_step_end_tensor_inputs=["x0", "warped", "field_t"], generator=seed())
+                 callback_on_step_end_tensor_inputs=["x0", "warped"], generator=seed())
     assert out.num_steps_run == 3
     assert seen == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"callback tensor inputs \['field_t'\] unknown"):
+        pipe2d(fixed, moving, callback_on_step_end=stop_after_three, callback_on_step_end_tensor_inputs=["field_t"])
 
 
-def test_callback_replacing_the_field_changes_the_result(pipe2d, pair):
+def test_callback_replacing_the_estimate_changes_the_result(pipe2d, pair):
+    """A volume's estimates reach the callback in the output layout, (samples, 3, D, H, W), and a
+    replaced estimate at the last step is the result."""
     fixed, moving = pair
-    plain = pipe2d(fixed, moving, num_inference_steps=4, generator=seed()).field
+    volume_f, volume_m = torch.stack([fixed] * 3), torch.stack([moving] * 3)
+    plain = pipe2d(volume_f, volume_m, num_inference_steps=4, num_samples=2, generator=seed()).field
 
     def push(pipe, step, timestep, kwargs):
-        if step == 1:
-            kwargs["field_t"] = kwargs["field_t"] + 1.0
+        assert kwargs["x0"].shape == (2, 3, 3, SIZE, SIZE)
+        if step == 3:
+            kwargs["x0"] = kwargs["x0"] + torch.tensor([0.0, 1.0, -2.0]).reshape(1, 3, 1, 1, 1)
         return kwargs
 
-    pushed = pipe2d(fixed, moving, num_inference_steps=4, callback_on_step_end=push,
-                    callback_on_step_end_tensor_inputs=["field_t"], generator=seed()).field
-    assert (pushed - plain).abs().mean() > 1e-3
+    pushed = pipe2d(volume_f, volume_m, num_inference_steps=4, num_samples=2, callback_on_step_end=push,
+                    generator=seed()).field
+    assert torch.allclose(pushed - plain, torch.tensor([0.0, 1.0, -2.0]).reshape(3, 1, 1, 1).expand_as(plain),
+                          atol=1e-5)
 
 
 def test_image_features_are_computed_once_per_call(pipe2d, pair, monkeypatch):
@@ -150,28 +161,13 @@ def test_num_samples_gives_an_uncertainty_map(pipe2d, pair):
     assert single.uncertainty is None
 
 
-def test_trajectory_has_one_entry_per_step(pipe2d, pair):
+def test_trajectory_recorder_has_one_entry_per_step(pipe2d, pair):
     fixed, moving = pair
-    out = pipe2d(fixed, moving, num_inference_steps=4, return_trajectory=True, generator=seed())
-    assert out.trajectory["steps"] == [0, 1, 2, 3]
-    assert out.trajectory["fields"].shape == (4, 1, 2, SIZE, SIZE)
-    assert out.trajectory["warped"].shape == (4, 1, 1, SIZE, SIZE)
-    assert torch.allclose(out.trajectory["fields"][-1, 0], out.field)
-
-
-def test_clip_range_bounds_every_reported_estimate(pair):
-    """With ``clip_range`` the z-scored x0 the pipeline reports (and the scheduler uses) stays in range."""
-    fixed, moving = pair
-    denoiser = tiny_denoiser(2)
-    outputs = {}
-    for clip in (None, 1.5):
-        pipe = DiffuseRegPipeline(denoiser=denoiser, scheduler=default_scheduler("ddim", clip_range=clip))
-        pipe.set_progress_bar_config(disable=True)
-        outputs[clip] = pipe(fixed, moving, num_inference_steps=4, return_trajectory=True, generator=seed())
-    z_scored = outputs[1.5].trajectory["fields"] / 0.02  # field_mean 0, field_std 0.02
-    assert z_scored.abs().max() <= 1.5 + 1e-4
-    assert outputs[None].trajectory["fields"].abs().max() / 0.02 > 1.5  # the bound is active here
-    assert not torch.allclose(outputs[None].field, outputs[1.5].field)
+    recorder = TrajectoryRecorder()
+    out = pipe2d(fixed, moving, num_inference_steps=4, callback_on_step_end=recorder, generator=seed())
+    assert recorder.steps == [0, 1, 2, 3]
+    assert recorder.fields[0].shape == (1, 2, SIZE, SIZE) and recorder.warped[0].shape == (1, SIZE, SIZE)
+    assert torch.equal(recorder.fields[-1][0], out.field)
 
 
 def _guided(pipe, pair, guide, steps=4):
@@ -278,6 +274,7 @@ def _hub_cache(tmp_path: Path, saved: Path, repo_id: str) -> Path:
     return cache
 
 
+@pytest.mark.slow
 def test_hub_offline_load_equals_local_load(pipe2d, pair, tmp_path):
     fixed, moving = pair
     saved = tmp_path / "saved"
@@ -338,15 +335,14 @@ def test_a_denoiser_predicting_the_clean_field_is_read_as_such(pair):
     """``prediction_type="sample"``: an untrained denoiser outputs 0 (its last layer starts at zero), i.e.
     a clean z-scored field of 0, so every estimate is the training mean; read as noise it would not be."""
     fixed, moving = pair
-    torch.manual_seed(0)
-    denoiser = DiffuseRegDenoiser(spatial_dims=2, feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
-                                  field_mean=[0.5, -0.25], field_std=[2.0, 2.0], prediction_type="sample").eval()
+    denoiser = tiny_denoiser(2, field_mean=[0.5, -0.25], field_std=[2.0, 2.0], prediction_type="sample")
     pipe = DiffuseRegPipeline(denoiser=denoiser, scheduler=default_scheduler("ddim"))
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(fixed, moving, num_inference_steps=3, return_trajectory=True, generator=seed())
+    recorder = TrajectoryRecorder()
+    out = pipe(fixed, moving, num_inference_steps=3, callback_on_step_end=recorder, generator=seed())
     expected = torch.tensor([0.5, -0.25]).reshape(2, 1, 1).expand(2, SIZE, SIZE)
     assert torch.equal(out.field, expected)
-    assert torch.equal(out.trajectory["fields"][0, 0], expected)
+    assert torch.equal(recorder.fields[0][0], expected)
 
 
 def test_half_precision_weights_sample_in_float32(pipe2d, pair):
@@ -370,10 +366,6 @@ def test_init_field_with_low_strength_stays_at_the_given_field(pipe2d, pair):
     out = pipe2d(fixed, moving, num_inference_steps=10, init_field=start, strength=0.1, generator=seed())
     assert out.num_steps_run == 1
     assert torch.allclose(out.field, start, atol=0.05)
-    seen = []
-    from_function = pipe2d(fixed, moving, num_inference_steps=10, strength=0.1, generator=seed(),
-                           init_field=lambda f, m: seen.append((f, m)) or start)
-    assert torch.equal(from_function.field, out.field) and seen[0][0] is fixed and seen[0][1] is moving
     half = pipe2d(fixed, moving, num_inference_steps=10, init_field=start, strength=0.5, generator=seed())
     assert half.num_steps_run == 5
     full = pipe2d(fixed, moving, num_inference_steps=10, init_field=start, strength=1.0, generator=seed())
@@ -399,3 +391,40 @@ def test_init_field_and_strength_refuse_what_they_cannot_do(pipe2d, pair, tmp_pa
         pipe2d(fixed, moving, init_field=torch.zeros(2, SIZE, SIZE), strength=0)
     with pytest.raises(ValueError, match="NaN"):
         pipe2d(fixed, moving, init_field=torch.full((2, SIZE, SIZE), float("nan")), strength=0.5)
+    with pytest.raises(ValueError, match="init_field='teacher'.*this one has none"):
+        pipe2d(fixed, moving, init_field="teacher", strength=0.5)
+
+
+def tiny_teacher() -> RegistrationNet:
+    torch.manual_seed(1)
+    teacher = RegistrationNet(spatial_dims=2, channels=(4, 4, 4, 4), unet_out_channels=4, final_conv_channels=(4,),
+                              integration_steps=0).eval()
+    with torch.no_grad():  # a visible field: the last layer starts near zero
+        out = teacher.voxelmorph.backbone.net[1].final_conv_out.conv
+        out.bias.fill_(0.01)
+    return teacher
+
+
+def test_the_teacher_is_a_component_saved_and_loaded_and_a_start(pair, tmp_path):
+    """``init_field="teacher"`` starts from the teacher component's field: with strength 0.1 of 10
+    steps and a denoiser whose estimate stays at what it is given, the result is that field."""
+    fixed, moving = pair
+    pipe = DiffuseRegPipeline(denoiser=tiny_denoiser(2), scheduler=default_scheduler("ddim"), teacher=tiny_teacher())
+    pipe.save_pretrained(tmp_path / "with_teacher")
+    loaded = DiffuseRegPipeline.from_pretrained(tmp_path / "with_teacher")
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.teacher, RegistrationNet)
+    start = loaded.teacher(fixed[None, None], moving[None, None])[0]
+    assert start.abs().mean() > 1e-3
+    out = loaded(fixed, moving, num_inference_steps=10, init_field="teacher", strength=0.1, generator=seed())
+    given = loaded(fixed, moving, num_inference_steps=10, init_field=start, strength=0.1, generator=seed())
+    assert torch.equal(out.field, given.field)
+    without = tmp_path / "without_teacher"
+    DiffuseRegPipeline(denoiser=tiny_denoiser(2), scheduler=default_scheduler("ddim")).save_pretrained(without)
+    assert DiffuseRegPipeline.from_pretrained(without).teacher is None
+
+
+def test_saved_scheduler_and_denoiser_agree_on_the_prediction_type(tmp_path):
+    """The bundled model and a trained pipeline hand the scheduler what the denoiser predicts."""
+    bundled = DiffuseRegPipeline.from_pretrained("diffusereg/acdc-2d")
+    assert bundled.scheduler.config.prediction_type == bundled.denoiser.config.prediction_type

@@ -20,6 +20,8 @@ from diffusereg.data import read_acdc_patient
 from diffusereg.hub import bundled_model_path
 from diffusereg.io import read_grid
 
+pytestmark = pytest.mark.slow  # the full-size shipped model: seconds per call
+
 SHIPPED = "diffusereg/acdc-2d"
 
 

@@ -20,7 +20,8 @@ import torch
 import yaml
 
 from diffusereg.models import DenoiserOutput, DiffuseRegDenoiser, RegistrationNet
-from diffusereg.pipelines import DiffuseRegPipeline, default_scheduler
+from diffusereg.pipelines import DiffuseRegPipeline
+from diffusereg.schedulers import default_scheduler
 from diffusereg.training import (
     ConfigError,
     DataConfig,
@@ -231,6 +232,7 @@ def test_diffusion_loss_denormalises_phi0_hat(prediction_type: str) -> None:
 # ---------------------------------------------------------------- the two stages
 
 
+@pytest.mark.slow
 @pytest.mark.acdc
 def test_teacher_writes_model_cache_and_statistics(teacher_dir: Path, acdc_root: Path) -> None:
     stats = FieldStatistics.load(teacher_dir / "field_stats.json")
@@ -245,6 +247,7 @@ def test_teacher_writes_model_cache_and_statistics(teacher_dir: Path, acdc_root:
     assert float(rows[-1]["val_Dice_Overall"]) > 0.5 and rows[-1]["val_NJD_percent"] != ""
 
 
+@pytest.mark.slow
 @pytest.mark.acdc
 def test_diffusion_saves_a_loadable_pipeline(diffusion_runs: ResumeRuns, teacher_dir: Path) -> None:
     rows = read_log(diffusion_runs.straight)
@@ -262,6 +265,7 @@ def test_diffusion_saves_a_loadable_pipeline(diffusion_runs: ResumeRuns, teacher
     assert out.field.shape == (1, 2, 32, 32)
 
 
+@pytest.mark.slow
 @pytest.mark.acdc
 def test_fine_tuning_starts_from_the_given_pipeline(diffusion_runs: ResumeRuns, teacher_dir: Path, acdc_root: Path,
                                                     tmp_path: Path) -> None:
@@ -287,6 +291,7 @@ def test_fine_tuning_starts_from_the_given_pipeline(diffusion_runs: ResumeRuns, 
         Trainer(DiffusionStage(config))
 
 
+@pytest.mark.slow
 @pytest.mark.acdc
 @pytest.mark.parametrize("stage", ["teacher", "diffusion"])
 def test_resume_repeats_a_straight_run(stage: str, request: pytest.FixtureRequest) -> None:
@@ -327,6 +332,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.acdc
 def test_two_processes_train_on_disjoint_shards(teacher_dir: Path, acdc_root: Path, tmp_path: Path) -> None:
     """Two CPU processes (torchrun + gloo; Accelerate's ``launch --cpu`` starts only one): each

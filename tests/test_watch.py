@@ -31,7 +31,10 @@ from diffusereg.data import PairFiles
 from diffusereg.guidance import SmoothnessGuidance
 from diffusereg.io import read_displacement_field, read_grid, read_image, write_image
 from diffusereg.phantom import cardiac_phantom, write_phantom
-from diffusereg.registration import GuidanceSpec, RegistrationError, RegistrationSettings, load_pipeline, register_pair
+from diffusereg.guidance import GuidanceSpec
+from diffusereg.pipelines import ModelGridBatch
+from diffusereg.hub import load_pipeline
+from diffusereg.registration import RegistrationError, RegistrationSettings, register_pair
 from diffusereg.watch import LiveGuidance, WatchServer, WatchSession
 from diffusereg.watch.frames import DISPLAY_PIXELS, deformed_grid
 
@@ -112,7 +115,7 @@ def test_stop_keeps_the_result_of_the_step_it_stopped_at(session: WatchSession, 
     thread = threading.Thread(target=register_pair, args=(pipe, phantom_files.fixed, phantom_files.moving, reference,
                                                           RegistrationSettings(steps=40), phantom_files.fixed_labels,
                                                           phantom_files.moving_labels),
-                              kwargs={"callback_on_step_end": stop_at_the_same_step})
+                              kwargs={"callbacks": [stop_at_the_same_step]})
     thread.start()
     thread.join()
     assert np.array_equal(read_image(session.output_dir / "warped.nii.gz").array,
@@ -172,11 +175,12 @@ def test_guidance_switched_on_while_sampling_acts_from_the_next_step(session: Wa
 
 
 def test_live_guidance_uses_the_specs_set_before_each_step():
-    live = LiveGuidance([], labels=None)
+    image = torch.rand(1, 1, 8, 8)
+    live = LiveGuidance([], labels=None).bind(ModelGridBatch.from_arrays(image, image, None, 2, 1), 1)
     assert not live.is_active(0, 4)
     live.set([GuidanceSpec("smoothness", 0.1)])
     assert live.is_active(1, 4) and live.is_active(2, 4)
-    field, image = torch.randn(1, 2, 8, 8), torch.rand(1, 1, 8, 8)
+    field = torch.randn(1, 2, 8, 8)
     assert torch.isclose(live.loss(field, image, image), 0.1 * SmoothnessGuidance()(field, image, image))
     assert str(live) == "live: none from step 1, smoothness=0.1 from step 2"
 
@@ -330,6 +334,7 @@ def browser() -> Iterator:
         browser.close()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_in_a_browser_register_the_phantom_watch_it_stop_it_and_download_the_outputs(browser, server: WatchServer,
                                                                                     tmp_path: Path):

@@ -19,8 +19,10 @@ from matplotlib.patches import FancyArrowPatch
 
 from diffusereg.models import DiffuseRegDenoiser
 from diffusereg.phantom import cardiac_phantom
-from diffusereg.pipelines import DiffuseRegPipeline, default_scheduler
-from diffusereg.registration import GuidanceSpec, RegistrationSettings, register_pair
+from diffusereg.pipelines import DiffuseRegPipeline
+from diffusereg.schedulers import default_scheduler
+from diffusereg.guidance import GuidanceSpec
+from diffusereg.registration import RegistrationSettings, register_pair
 from diffusereg.spatial import warp
 
 HERE = Path(__file__).resolve().parent

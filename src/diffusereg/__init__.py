@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "DiffuseRegPipeline": "diffusereg.pipelines",
     "DiffuseRegPipelineOutput": "diffusereg.pipelines",
-    "default_scheduler": "diffusereg.pipelines",
+    "ModelGridBatch": "diffusereg.pipelines",
+    "default_scheduler": "diffusereg.schedulers",
     "DiffuseRegDenoiser": "diffusereg.models",
     "ConditionalUNetDenoiser": "diffusereg.models",
     "RegistrationNet": "diffusereg.models",

@@ -2,14 +2,15 @@
 
 The contract is diffusers' ``callback_on_step_end``: after every sampling step the pipeline calls
 ``callback(pipe, step, timestep, callback_kwargs)`` and uses the dict it returns. The tensors a
-callback can read (and replace, by returning them) are
+callback can read, in the layout of the call's output on the model grid (see
+:mod:`diffusereg.pipelines.layout`), with a leading axis for the ``num_samples`` samples:
 
-- ``"field_t"``: the noisy field after the step, ``(N, ndim, *S)``, z-scored units,
-- ``"x0"``: the current estimate of the clean field, ``(N, ndim, *S)``, voxels of the model grid,
-- ``"warped"``: the moving image warped by ``x0``, ``(N, 1, *S)``,
+- ``"x0"``: the current estimate of the clean field ``(num_samples, *field)``, voxels of the model
+  grid (``field`` is ``(ndim, *S)`` for one pair, ``(3, D, H, W)`` for a volume registered slice
+  by slice, ``(B, ndim, *S)`` for a batch): the result if sampling stopped now;
+- ``"warped"``: the moving image warped by ``x0``, ``(num_samples, *image)``.
 
-with ``N = batch size * num_samples``. Replacing ``"field_t"`` changes where sampling continues;
-replacing ``"x0"`` changes the result if the loop ends at that step. Setting
+Returning a replaced ``"x0"`` changes the result if the loop ends at that step. Setting
 ``pipe.interrupt = True`` stops sampling after the current step; the output is then the ``x0``
 of that step.
 
@@ -93,7 +94,8 @@ class TrajectoryRecorder(StepCallback):
     """Keep a copy (on the CPU) of the clean-field estimate and the warped image every ``every`` steps.
 
     After a call, ``steps`` lists the recorded step indices, ``fields`` the ``x0`` tensors
-    ``(N, ndim, *S)`` and ``warped`` the warped moving images ``(N, 1, *S)``.
+    ``(num_samples, *field)`` (voxels, model grid) and ``warped`` the warped moving images
+    ``(num_samples, *image)``, in the call's output layout (see the module docstring).
     """
 
     tensor_inputs = ["x0", "warped"]

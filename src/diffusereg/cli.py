@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 from diffusereg import __version__
 
 if TYPE_CHECKING:
-    from diffusereg.models import RegistrationNet
     from diffusereg.registration import RegistrationSettings
 
 DEFAULT_MODEL = "diffusereg/acdc-2d"  # the shipped model (a Hugging Face Hub id)
@@ -51,7 +50,7 @@ def _start_option() -> argparse.ArgumentParser:
     """``--start-from-teacher``, for the commands that register with the model's teacher at hand."""
     option = argparse.ArgumentParser(add_help=False)
     option.add_argument("--start-from-teacher", type=float, metavar="STRENGTH",
-                        help="start sampling from the field of the model's one-shot teacher (MODEL/teacher) and run "
+                        help="start sampling from the field of the model's one-shot teacher component and run "
                              "the last STRENGTH fraction (0 < STRENGTH <= 1) of the steps")
     return option
 
@@ -175,7 +174,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace) -> RegistrationSettings:
-    from diffusereg.registration import GuidanceSpec, RegistrationError, RegistrationSettings
+    from diffusereg.guidance import GuidanceSpec
+    from diffusereg.registration import RegistrationError, RegistrationSettings
 
     for name in ("steps", "samples"):
         if getattr(args, name) < 1:
@@ -187,13 +187,6 @@ def _settings(args: argparse.Namespace) -> RegistrationSettings:
     return RegistrationSettings(steps=args.steps, scheduler=args.scheduler, guidance=guidance, samples=args.samples,
                                 seed=args.seed, save_trajectory=getattr(args, "save_trajectory", False),
                                 start_from_teacher=strength)
-
-
-def _teacher(args: argparse.Namespace, settings: RegistrationSettings, device: Any) -> RegistrationNet | None:
-    """The model's one-shot teacher when sampling starts from its field, else None."""
-    from diffusereg.registration import load_teacher
-
-    return None if settings.start_from_teacher is None else load_teacher(args.model, device)
 
 
 def _device(args: argparse.Namespace) -> str:
@@ -214,31 +207,29 @@ def _summary(metrics: dict[str, Any], output_dir: Path) -> str:
 
 
 def _run_register(args: argparse.Namespace) -> int:
-    from diffusereg.registration import (RegistrationError, check_pair_list, check_request, load_pipeline,
-                                         register_pair, register_pair_list)
+    from diffusereg.hub import load_pipeline
+    from diffusereg.registration import (RegistrationError, check_pair_list, check_request, read_inputs,
+                                         register_checked, register_pair_list)
 
+    settings = _settings(args)
     if args.pairs is not None:
         if args.fixed or args.moving or args.fixed_labels or args.moving_labels:
             raise RegistrationError("--pairs replaces FIXED MOVING and the label options (labels go in the list)")
         from accelerate import PartialState
 
-        settings, state = _settings(args), PartialState()
-        check_pair_list(args.pairs, args.output, settings)  # fail before loading the model
+        state = PartialState()
+        requests = check_pair_list(args.pairs, args.output, settings)  # fail before loading the model
         pipe = load_pipeline(args.model, args.device or state.device, allow_pickle=args.trust_pickle_weights)
         pipe.set_progress_bar_config(disable=True)
-        summary = register_pair_list(pipe, args.pairs, args.output, settings, model_name=args.model, state=state,
-                                     teacher=_teacher(args, settings, pipe.device))
+        summary = register_pair_list(pipe, requests, model_name=args.model, state=state)
         print(f"{args.output}: registered {len(summary.registered)} pairs, skipped {len(summary.skipped)} finished "
               f"ones (process {state.process_index} of {state.num_processes})")
         return 0
     if args.fixed is None or args.moving is None:
         raise RegistrationError("give FIXED and MOVING images, or --pairs LIST")
-    settings = _settings(args)
-    check_request(args.fixed, args.moving, args.output, settings, args.fixed_labels, args.moving_labels)
+    request = check_request(args.fixed, args.moving, args.output, settings, args.fixed_labels, args.moving_labels)
     pipe = load_pipeline(args.model, _device(args), allow_pickle=args.trust_pickle_weights)
-    metrics = register_pair(pipe, args.fixed, args.moving, args.output, settings, fixed_labels=args.fixed_labels,
-                            moving_labels=args.moving_labels, model_name=args.model,
-                            teacher=_teacher(args, settings, pipe.device))
+    metrics = register_checked(pipe, read_inputs(pipe, request), settings, model_name=args.model)
     print(_summary(metrics, args.output))
     return 0
 
@@ -252,7 +243,8 @@ def _run_apply(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from diffusereg.registration import load_pipeline, register_pair
+    from diffusereg.hub import load_pipeline
+    from diffusereg.registration import register_pair
 
     settings = _settings(args)
     pipe = load_pipeline(args.model, _device(args), allow_pickle=args.trust_pickle_weights)
@@ -268,8 +260,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         inputs = write_phantom(args.output, seed=0)
         print(f"cardiac phantom (end-systole -> end-diastole) written to {args.output}")
     metrics = register_pair(pipe, inputs.fixed, inputs.moving, args.output, settings, fixed_labels=inputs.fixed_labels,
-                            moving_labels=inputs.moving_labels, model_name=args.model,
-                            teacher=_teacher(args, settings, pipe.device))
+                            moving_labels=inputs.moving_labels, model_name=args.model)
     print(_summary(metrics, args.output))
     return 0
 
@@ -277,23 +268,28 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from diffusereg.callbacks import EarlyStopping
     from diffusereg.data import ACDCDataset
-    from diffusereg.evaluation import evaluate, pipeline_registrar, teacher_registrar, write_evaluation
-    from diffusereg.registration import RegistrationError, build_guides, load_pipeline
+    from diffusereg.evaluation import evaluate, pipeline_registrar, write_evaluation
+    from diffusereg.guidance import build_guides
+    from diffusereg.hub import load_pipeline
+    from diffusereg.registration import RegistrationError
+    from diffusereg.schedulers import scheduler_of_kind
 
     settings = _settings(args)
     if any(spec.kind == "organ" for spec in settings.guidance):
         raise RegistrationError("evaluate: organ guidance would use the labels that Dice is scored on; "
                                 "use smoothness= or similarity=")
     pipe = load_pipeline(args.model, _device(args), allow_pickle=args.trust_pickle_weights)
+    if settings.start_from_teacher is not None and pipe.teacher is None:
+        raise RegistrationError(f"--start-from-teacher: model {args.model!r} has no one-shot teacher component")
+    pipe.scheduler = scheduler_of_kind(pipe.scheduler, args.scheduler)
     dataset = ACDCDataset(args.data, split=args.split, spatial_dims=3, patients=args.patients,
                           preprocessing=pipe.preprocessing)
     pipe.set_progress_bar_config(disable=True)
     callback = None if args.early_stopping is None else EarlyStopping(tolerance=args.early_stopping)
-    teacher = _teacher(args, settings, pipe.device)
-    start = {} if teacher is None else {"start": teacher_registrar(teacher), "strength": settings.start_from_teacher}
-    registrar = pipeline_registrar(pipe, args.steps, seed=args.seed, scheduler=args.scheduler,
-                                   guidance=build_guides(settings.guidance, None), num_samples=args.samples,
-                                   callback_on_step_end=callback, **start)
+    start = {} if settings.start_from_teacher is None else {"init_field": "teacher",
+                                                             "strength": settings.start_from_teacher}
+    registrar = pipeline_registrar(pipe, args.steps, seed=args.seed, guidance=build_guides(settings.guidance, None),
+                                   num_samples=args.samples, callback_on_step_end=callback, **start)
     rows = evaluate(dataset, registrar, description=f"{args.model} ({args.steps} {args.scheduler} steps)")
     run = {"data": str(args.data), "split": args.split, "patients": dataset.names, "model": args.model,
            "steps": args.steps, "scheduler": args.scheduler, "guidance": [str(g) for g in settings.guidance],
@@ -312,7 +308,8 @@ def _run_watch(args: argparse.Namespace) -> int:
     import tempfile
 
     from diffusereg.data import PairFiles
-    from diffusereg.registration import RegistrationError, load_pipeline
+    from diffusereg.hub import load_pipeline
+    from diffusereg.registration import RegistrationError
     from diffusereg.watch import WatchServer, WatchSession
     from diffusereg.watch.server import is_loopback
 

@@ -32,8 +32,9 @@ from tqdm.auto import tqdm
 
 from diffusereg.data import ACDCDataset, PreprocessedPair
 from diffusereg.io import write_atomically
-from diffusereg.metrics import acdc_case_metrics
-from diffusereg.spatial import warp
+from diffusereg.metrics import ACDC_SCORES, acdc_case_metrics
+from diffusereg.pipelines.layout import ModelGridBatch
+from diffusereg.spatial import warp_labels
 
 __all__ = [
     "CASE_COLUMNS",
@@ -46,16 +47,14 @@ __all__ = [
     "summarize",
     "summary_markdown",
     "teacher_registrar",
-    "warp_labels",
     "write_evaluation",
 ]
 
-STRUCTURES = ("LV", "Myo", "LVepi", "RV", "Heart", "Overall")
-CASE_COLUMNS = ("case", "group", *STRUCTURES, "NJD_percent", "JSD", "HD95", "seconds", "steps_run")
+CASE_COLUMNS = ("case", "group", *ACDC_SCORES, "NJD_percent", "JSD", "HD95", "seconds", "steps_run")
 """Columns of a per-case row: Dice in percent, NJD %, JSD, HD95 (mm, mean over LV, Myo and RV),
 seconds of the registration call alone (no reading or preprocessing) and sampling steps run."""
 
-SUMMARY_COLUMNS = (*STRUCTURES, "NJD_percent", "JSD", "HD95", "seconds", "steps_run")
+SUMMARY_COLUMNS = (*ACDC_SCORES, "NJD_percent", "JSD", "HD95", "seconds", "steps_run")
 
 
 @dataclass(frozen=True)
@@ -83,45 +82,33 @@ def identity_registrar(fixed: np.ndarray, moving: np.ndarray) -> RegistrationRes
     return RegistrationResult(np.zeros((fixed.ndim, *fixed.shape), dtype=np.float32))
 
 
-def pipeline_registrar(pipe: Any, num_inference_steps: int, seed: int = 0, start: Registrar | None = None,
-                       **call_kwargs: Any) -> Registrar:
+def pipeline_registrar(pipe: Any, num_inference_steps: int, seed: int = 0, **call_kwargs: Any) -> Registrar:
     """A :class:`~diffusereg.pipelines.DiffuseRegPipeline` as a method.
 
     Every pair is sampled with a fresh ``torch.Generator`` seeded with ``seed``, so results do not
-    depend on the order of the cases. With ``start`` (another method, e.g. :func:`teacher_registrar`)
-    sampling begins from that method's field (``init_field``; give ``strength``). ``call_kwargs`` go
-    to the pipeline call (``scheduler``, ``guidance``, ``callback_on_step_end``, ``num_samples``,
-    ``strength``, ...).
+    depend on the order of the cases. ``call_kwargs`` go to the pipeline call (``guidance``,
+    ``callback_on_step_end``, ``num_samples``, ``init_field="teacher"`` and ``strength``, ...).
     """
 
     def register(fixed: np.ndarray, moving: np.ndarray) -> RegistrationResult:
-        initial = {} if start is None else {"init_field": start(fixed, moving).field}
         out = pipe(fixed, moving, num_inference_steps=num_inference_steps, output_type="np",
-                   generator=torch.Generator().manual_seed(seed), **initial, **call_kwargs)
+                   generator=torch.Generator().manual_seed(seed), **call_kwargs)
         return RegistrationResult(out.field, out.num_steps_run, out.uncertainty)
 
     return register
 
 
 def teacher_registrar(model: torch.nn.Module) -> Registrar:
-    """A one-shot :class:`~diffusereg.models.RegistrationNet` as a method.
-
-    A 2D network registers a volume ``(D, H, W)`` slice by slice in one batch (zero displacement
-    along ``D``), like a 2D diffusion model; a 3D network takes the volume whole.
-    """
+    """A one-shot :class:`~diffusereg.models.RegistrationNet` as a method: a 2D network registers
+    a volume ``(D, H, W)`` slice by slice in one batch (zero displacement along ``D``), like a 2D
+    diffusion model; a 3D network takes the volume whole."""
     parameter = next(model.parameters())
 
     @torch.no_grad()
     def register(fixed: np.ndarray, moving: np.ndarray) -> RegistrationResult:
-        images = [torch.as_tensor(x, dtype=parameter.dtype, device=parameter.device) for x in (fixed, moving)]
-        if model.config.spatial_dims == fixed.ndim:
-            field = model(images[0][None, None], images[1][None, None])[0]
-        elif model.config.spatial_dims == 2 and fixed.ndim == 3:
-            in_plane = model(images[0][:, None], images[1][:, None])  # (D, 2, H, W)
-            field = torch.cat([torch.zeros_like(in_plane[:, :1]), in_plane], dim=1).transpose(0, 1)
-        else:
-            raise ValueError(f"a {model.config.spatial_dims}D network cannot register {fixed.ndim}D images")
-        return RegistrationResult(field.float().cpu().numpy())
+        batch = ModelGridBatch.from_arrays(fixed, moving, None, model.config.spatial_dims, model.size_multiple)
+        field = model(batch.fixed.to(parameter), batch.moving.to(parameter)).float().cpu()
+        return RegistrationResult(batch.to_output(field, is_field=True).numpy())
 
     return register
 
@@ -131,7 +118,7 @@ def _case_row(case: str, group: str, warped_labels: np.ndarray, fixed_labels: np
     """One row of :data:`CASE_COLUMNS` (Dice in percent)."""
     metrics = acdc_case_metrics(warped_labels, fixed_labels, result.field, axis_spacing=axis_spacing)
     row: dict[str, Any] = {"case": case, "group": group}
-    row.update({name: 100.0 * metrics[f"Dice_{name}"] for name in STRUCTURES})
+    row.update({name: 100.0 * metrics[f"Dice_{name}"] for name in ACDC_SCORES})
     row["NJD_percent"], row["JSD"] = metrics["NJD_percent"], metrics["JSD"]
     row["HD95"] = float(np.nanmean([metrics[f"HD95_{name}"] for name in ("LV", "Myo", "RV")]))
     row["seconds"] = seconds
@@ -164,12 +151,6 @@ def evaluate(dataset: ACDCDataset, registrar: Registrar, description: str = "cas
     return rows
 
 
-def warp_labels(labels: np.ndarray, field: np.ndarray) -> np.ndarray:
-    """Integer labels ``(*S)`` pulled through ``field`` ``(ndim, *S)`` (voxels), nearest neighbour: int64 ``(*S)``."""
-    moving = torch.from_numpy(np.asarray(labels).astype(np.int64))[None, None]
-    return warp(moving, torch.from_numpy(np.asarray(field, dtype=np.float32))[None], mode="nearest")[0, 0].numpy()
-
-
 def score_case(pair: PreprocessedPair, result: RegistrationResult, case: str, group: str,
                seconds: float) -> dict[str, Any]:
     """Score one registered pair as in :func:`evaluate`: warp its moving labels with ``result.field``
@@ -189,8 +170,9 @@ def score_case(pair: PreprocessedPair, result: RegistrationResult, case: str, gr
     expected = (pair.fixed.ndim, *pair.fixed.shape)
     if result.field.shape != expected:
         raise ValueError(f"case {case}: the method returned a field of shape {result.field.shape}, expected {expected}")
-    return _case_row(case, group, warp_labels(pair.moving_labels, result.field), pair.fixed_labels, result,
-                     pair.grid.model.axis_spacing, seconds)
+    labels = torch.from_numpy(np.asarray(pair.moving_labels).astype(np.int64))[None, None]
+    warped = warp_labels(labels, torch.from_numpy(np.asarray(result.field, dtype=np.float32))[None])[0, 0].numpy()
+    return _case_row(case, group, warped, pair.fixed_labels, result, pair.grid.model.axis_spacing, seconds)
 
 
 def summarize(rows: Sequence[dict[str, Any]], columns: Sequence[str] = SUMMARY_COLUMNS) -> dict[str, dict[str, float]]:

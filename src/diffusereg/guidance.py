@@ -15,17 +15,28 @@ Every guide is called as ``guide(field, fixed, moving) -> loss`` with
 
 Any callable with that signature is a guide (its scale is 1). Wrap it in :class:`FunctionGuide`
 to give it a scale and a range of steps where it is active; built-in guides subclass :class:`Guide`.
+A guide that holds masks takes them in the layout of the images it is used with (or of one
+batch item); the pipeline calls :meth:`Guide.bind` once per call to bring them to its batch.
+
+:class:`GuidanceSpec` is a guide as written on the command line (``smoothness=1``,
+``organ=3:0.5``), and :func:`build_guides` turns specs into guides.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence, runtime_checkable
+import copy
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from diffusereg.losses import gradient_loss, ssim_loss
 from diffusereg.spatial import jacobian_determinant, warp
+
+if TYPE_CHECKING:
+    from diffusereg.pipelines.layout import ModelGridBatch
 
 __all__ = [
     "GuidanceFunction",
@@ -35,7 +46,9 @@ __all__ = [
     "DirectionGuidance",
     "OrganMaskGuidance",
     "SimilarityGuidance",
+    "GuidanceSpec",
     "as_guide",
+    "build_guides",
 ]
 
 
@@ -66,6 +79,11 @@ class Guide:
         """Whether the guide acts at ``step`` (0-based) of ``num_steps``."""
         return self.start <= step / num_steps < self.end
 
+    def bind(self, batch: ModelGridBatch, num_samples: int) -> Guide:
+        """This guide for one pipeline call on ``batch`` with ``num_samples`` samples per pair
+        (guides holding masks return a copy with them in the batch's layout)."""
+        return self
+
     def loss(self, field: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         """Scalar loss of ``field`` (B, ndim, *S) voxels given ``fixed``/``moving`` (B, 1, *S)."""
         raise NotImplementedError
@@ -95,35 +113,13 @@ def as_guide(guide: Guide | GuidanceFunction) -> Guide:
     return guide if isinstance(guide, Guide) else FunctionGuide(guide)
 
 
-def _as_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Bring a mask to ``(B or 1, 1, *S)`` float on ``like``'s device (``like``: a field ``(N, ndim, *S)``).
-
-    Accepted: ``(*S)``, ``(1, *S)``, ``(B, 1, *S)``, and, for a 2D field made of the slices of a
-    volume (a 2D model registering a volume slice by slice, ``N = D * samples``), the volume's
-    mask ``(D, H, W)``, which is split into per-slice masks in the pipeline's slice order.
-    """
-    spatial = tuple(like.shape[2:])
-    mask = torch.as_tensor(mask, device=like.device)
-    if tuple(mask.shape[-len(spatial):]) != spatial:
-        raise ValueError(f"guidance mask has spatial shape {tuple(mask.shape[-len(spatial):])}, the field has {spatial}")
-    if len(spatial) == 2 and mask.ndim == 3 and mask.shape[0] > 1:
-        depth, batch = mask.shape[0], like.shape[0]
-        if batch % depth:
-            raise ValueError(f"a volume mask of {depth} slices does not match a batch of {batch} slice fields")
-        return mask.reshape(depth, 1, *spatial).repeat_interleave(batch // depth, dim=0).float()
-    while mask.ndim < like.ndim:
-        mask = mask.unsqueeze(0)
-    return mask.float()
-
-
 class SmoothnessGuidance(Guide):
     """Prefer smooth, fold-free fields.
 
     Loss = mean squared forward-difference gradient of the field
     ``+ folding_weight * mean(relu(epsilon - det(I + grad u)))``, which penalises Jacobian
-    determinants below ``epsilon``. Default scale 1: on the shipped ACDC model (10 validation
-    patients, 10 DDIM steps) it cut the folding by 32 % for a 0.20-point Dice cost; from 2 on
-    the guidance itself adds folds (``benchmarks/control.py``).
+    determinants below ``epsilon``. What the default scale does on ACDC, and from which scale the
+    guidance itself adds folds: ``docs/pipeline.md`` (``benchmarks/control.py``).
     """
 
     def __init__(self, scale: float = 1.0, folding_weight: float = 1.0, epsilon: float = 0.05,
@@ -142,14 +138,15 @@ class DirectionGuidance(Guide):
 
     Args:
         displacement: the wanted mean displacement, one number per axis, voxels, array-axis order.
-        mask: optional region ``(*S)``, ``(1, *S)`` or ``(B, 1, *S)``; the whole image if omitted.
+        mask: optional region, in the layout of the images (or of one batch item); the whole
+            image if omitted.
 
     Loss = ``f * |mean_region(u) - displacement|^2`` with ``f`` the fraction of voxels in the
     region. The factor makes it a mean over voxels like the other guides: a guidance step moves
     every region voxel by the same amount, ``2 * scale * (displacement - mean)``, so the mean goes
     towards the target while the shape of the deformation inside the region is kept. The default
     scale 0.5 moves the mean onto the target at every active step; smaller scales only lean
-    towards it (0.25: 5.6 degrees off on ACDC, ``benchmarks/control.py``).
+    towards it (measured in ``docs/pipeline.md``).
     """
 
     def __init__(self, displacement: Sequence[float], mask: torch.Tensor | None = None, scale: float = 0.5,
@@ -160,12 +157,17 @@ class DirectionGuidance(Guide):
         self.displacement = [float(d) for d in displacement]
         self.mask = mask
 
+    def bind(self, batch: ModelGridBatch, num_samples: int) -> DirectionGuidance:
+        bound = copy.copy(self)
+        bound.mask = None if self.mask is None else batch.mask_to_model(self.mask, num_samples)
+        return bound
+
     def loss(self, field: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         ndim = field.shape[1]
         if len(self.displacement) != ndim:
             raise ValueError(f"DirectionGuidance displacement has {len(self.displacement)} components, the field has {ndim}")
         target = torch.tensor(self.displacement, dtype=field.dtype, device=field.device)
-        region = torch.ones_like(field[:, :1]) if self.mask is None else _as_mask(self.mask, field).expand_as(field[:, :1])
+        region = torch.ones_like(field[:, :1]) if self.mask is None else self.mask.to(field)
         mean_per_axis = (field * region).sum(dim=(0, *range(2, field.ndim))) / region.sum().clamp_min(1.0)
         return region.mean() * ((mean_per_axis - target) ** 2).sum()
 
@@ -174,16 +176,15 @@ class OrganMaskGuidance(Guide):
     """Register one structure better, using the fixed image's mask of it.
 
     Args:
-        fixed_mask: the structure in the fixed image, ``(*S)``, ``(1, *S)`` or ``(B, 1, *S)``, 0/1.
-        moving_mask: the same structure in the moving image, same shapes. When given, the loss is
+        fixed_mask: the structure in the fixed image, 0/1, in the layout of the images (or of one
+            batch item).
+        moving_mask: the same structure in the moving image, same shape. When given, the loss is
             the mean over voxels of ``(warp(moving_mask, field) - fixed_mask)^2``; otherwise it is
             the mean over voxels of the squared intensity difference between the fixed and the
             warped moving image, counted only inside ``fixed_mask`` dilated by ``margin`` voxels.
         margin: dilation of the fixed mask for the intensity loss, voxels.
         scale: default 1 with ``moving_mask``, 100 without (the intensity loss has smaller
-            gradients); tuned on ACDC with ``benchmarks/control.py``, where they lifted the
-            targeted structure's Dice at 10 DDIM steps (10 validation patients) by 2.9 to 3.9
-            points with the fixed mask only and by 5.3 (LV) with both masks.
+            gradients); tuned on ACDC with ``benchmarks/control.py`` (``docs/pipeline.md``).
     """
 
     def __init__(self, fixed_mask: torch.Tensor, moving_mask: torch.Tensor | None = None, scale: float | None = None,
@@ -195,10 +196,16 @@ class OrganMaskGuidance(Guide):
         self.moving_mask = moving_mask
         self.margin = margin
 
+    def bind(self, batch: ModelGridBatch, num_samples: int) -> OrganMaskGuidance:
+        bound = copy.copy(self)
+        bound.fixed_mask = batch.mask_to_model(self.fixed_mask, num_samples)
+        bound.moving_mask = None if self.moving_mask is None else batch.mask_to_model(self.moving_mask, num_samples)
+        return bound
+
     def loss(self, field: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        target = _as_mask(self.fixed_mask, field).expand_as(field[:, :1])
+        target = self.fixed_mask.to(field)
         if self.moving_mask is not None:
-            source = _as_mask(self.moving_mask, field).expand_as(target)
+            source = self.moving_mask.to(field)
             return ((warp(source, field) - target) ** 2).mean()
         pool = F.max_pool2d if field.ndim == 4 else F.max_pool3d
         region = pool(target, kernel_size=2 * self.margin + 1, stride=1, padding=self.margin)
@@ -214,3 +221,58 @@ class SimilarityGuidance(Guide):
 
     def loss(self, field: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         return ssim_loss(warp(moving, field), fixed, kernel_size=self.kernel_size)
+
+
+@dataclass(frozen=True)
+class GuidanceSpec:
+    """One guide as written on the command line.
+
+    ``smoothness=SCALE`` (:class:`SmoothnessGuidance`), ``similarity=SCALE``
+    (:class:`SimilarityGuidance`) or ``organ=LABEL[:SCALE]`` (:class:`OrganMaskGuidance` on the
+    label value ``LABEL`` of both label maps; scale 1 when omitted).
+    """
+
+    kind: str
+    scale: float
+    label: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> GuidanceSpec:
+        """Read ``smoothness=1``, ``similarity=0.5``, ``organ=3`` or ``organ=3:0.5``."""
+        kind, sep, value = text.partition("=")
+        usage = "use smoothness=SCALE, similarity=SCALE or organ=LABEL[:SCALE]"
+        try:
+            if sep and kind in ("smoothness", "similarity"):
+                return cls(kind, float(value))
+            if sep and kind == "organ":
+                label, _, scale = value.partition(":")
+                return cls(kind, float(scale) if scale else 1.0, int(label))
+        except ValueError:
+            raise ValueError(f"guidance {text!r}: cannot read the numbers; {usage}") from None
+        raise ValueError(f"guidance {text!r} not understood; {usage}")
+
+    def __str__(self) -> str:
+        return f"organ={self.label}:{self.scale:g}" if self.kind == "organ" else f"{self.kind}={self.scale:g}"
+
+
+def build_guides(specs: Sequence[GuidanceSpec], labels: tuple[np.ndarray, np.ndarray] | None) -> list[Guide]:
+    """Guides from their specs; ``labels`` are the fixed and moving label maps in the layout of the
+    images the guides will be used with (needed when a spec is ``organ``).
+
+    Raises:
+        ValueError: an ``organ`` spec without label maps, or whose label is missing from one.
+    """
+    guides: list[Guide] = []
+    for spec in specs:
+        if spec.kind == "smoothness":
+            guides.append(SmoothnessGuidance(scale=spec.scale))
+        elif spec.kind == "similarity":
+            guides.append(SimilarityGuidance(scale=spec.scale))
+        elif labels is None:
+            raise ValueError(f"guidance {spec}: needs --fixed-labels and --moving-labels")
+        else:
+            fixed_mask, moving_mask = (torch.from_numpy(np.asarray(m) == spec.label) for m in labels)
+            if not fixed_mask.any() or not moving_mask.any():
+                raise ValueError(f"guidance {spec}: label {spec.label} is missing from a label map (on the model grid)")
+            guides.append(OrganMaskGuidance(fixed_mask, moving_mask, scale=spec.scale))
+    return guides

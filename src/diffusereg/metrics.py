@@ -21,6 +21,8 @@ from monai.metrics import compute_hausdorff_distance
 from diffusereg.spatial import jacobian_determinant
 
 __all__ = [
+    "ACDC_LABELS",
+    "ACDC_SCORES",
     "ACDC_STRUCTURES",
     "acdc_case_metrics",
     "acdc_dice",
@@ -35,15 +37,22 @@ __all__ = [
 ArrayLike = np.ndarray | torch.Tensor
 Labels = int | Sequence[int]
 
-#: ACDC label values of each evaluated structure (0 background, 1 RV, 2 Myo, 3 LV), in the
-#: order of the paper's code. ``Heart`` is every foreground label (``> 0``).
+ACDC_LABELS: dict[str, int] = {"RV": 1, "Myo": 2, "LV": 3}
+"""The label values of ACDC's label maps (0 is the background): the vocabulary every part of
+diffusereg that names a cardiac structure uses."""
+
+#: Label values of each evaluated structure, in the order of the paper's code: the three labels,
+#: the LV epicardium (myocardium and cavity) and the whole heart (every foreground label).
 ACDC_STRUCTURES: dict[str, tuple[int, ...]] = {
-    "LV": (3,),
-    "Myo": (2,),
-    "LVepi": (2, 3),
-    "RV": (1,),
-    "Heart": (1, 2, 3),
+    "LV": (ACDC_LABELS["LV"],),
+    "Myo": (ACDC_LABELS["Myo"],),
+    "LVepi": (ACDC_LABELS["Myo"], ACDC_LABELS["LV"]),
+    "RV": (ACDC_LABELS["RV"],),
+    "Heart": tuple(sorted(ACDC_LABELS.values())),
 }
+
+ACDC_SCORES: tuple[str, ...] = (*ACDC_STRUCTURES, "Overall")
+"""The Dice columns of an ACDC evaluation: each structure, then their mean (``Overall``)."""
 
 #: Clipping range of the determinant before the log in :func:`sdlogj` (Learn2Reg convention).
 LOG_DET_CLIP = (1e-9, 1e9)
@@ -83,7 +92,7 @@ def dice(pred: ArrayLike, ref: ArrayLike, label_or_labels: Labels) -> float:
 
 def _check_acdc_labels(labels: ArrayLike) -> None:
     present = set(torch.unique(torch.as_tensor(labels)).tolist())
-    if not present <= {0, 1, 2, 3}:
+    if not present <= {0, *ACDC_LABELS.values()}:
         raise ValueError(f"ACDC label maps hold only 0..3, found {sorted(present)}")
 
 
@@ -107,7 +116,7 @@ def structure_dice(labels: ArrayLike, reference: ArrayLike) -> dict[str, float]:
     """Dice of ``labels`` against ``reference`` (integer maps of one shape): per ACDC structure
     (:func:`acdc_dice`) when both hold only the values 0..3, else per label value (``label_K``)."""
     values = set(torch.unique(torch.as_tensor(reference)).tolist()) | set(torch.unique(torch.as_tensor(labels)).tolist())
-    if values <= {0, 1, 2, 3}:
+    if values <= {0, *ACDC_LABELS.values()}:
         return acdc_dice(labels, reference)
     return {f"label_{int(value)}": dice(labels, reference, int(value)) for value in sorted(values - {0})}
 

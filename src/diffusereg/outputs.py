@@ -28,11 +28,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from diffusereg.data import resample_to_grid
 from diffusereg.io import Grid, Image, write_atomically, write_displacement_field, write_image
+from diffusereg.metrics import jacobian_std, njd_percent, structure_dice
 from diffusereg.spatial import jacobian_determinant
 from diffusereg.visualize import TrajectorySlice, save_trajectory_gif, save_trajectory_strip
 
-__all__ = ["OUTPUT_NAMES", "is_complete", "length_mm", "write_registration"]
+__all__ = ["OUTPUT_NAMES", "is_complete", "length_mm", "registration_metrics", "write_registration"]
 
 OUTPUT_NAMES: dict[str, str] = {
     "warped": "warped.nii.gz",
@@ -65,6 +67,28 @@ def length_mm(field: np.ndarray, grid: Grid) -> np.ndarray:
     """Per-voxel length (mm) of a ``(ndim, *S)`` field given in voxels of ``grid``."""
     spacing = np.asarray(grid.axis_spacing, dtype=np.float32).reshape(-1, *([1] * grid.ndim))
     return np.sqrt(((field * spacing) ** 2).sum(axis=0)).astype(np.float32)
+
+
+def registration_metrics(field: np.ndarray, warped_labels: np.ndarray | None, fixed: Image,
+                         fixed_labels: Image | None, moving_labels: Image | None) -> dict[str, Any]:
+    """What ``metrics.json`` reports of a registration on the fixed grid: Dice before and after
+    per structure (with both label maps; the moving labels resampled onto the fixed grid as they
+    are, then ``warped_labels``), NJD % and JSD (forward differences, as the paper's evaluation),
+    and the largest displacement (mm).
+
+    Args:
+        field: ``(ndim, *S)`` voxels of ``fixed``'s grid.
+        warped_labels: the moving labels warped onto it, or None.
+        fixed, fixed_labels, moving_labels: the inputs (label maps may be None).
+    """
+    metrics: dict[str, Any] = {}
+    if fixed_labels is not None and moving_labels is not None:
+        reference = resample_to_grid(fixed_labels, fixed.grid, "nearest")
+        metrics["dice_before"] = structure_dice(resample_to_grid(moving_labels, fixed.grid, "nearest"), reference)
+        metrics["dice_after"] = structure_dice(warped_labels, reference)
+    metrics.update(NJD_percent=njd_percent(field), JSD=jacobian_std(field),
+                   max_displacement_mm=float(length_mm(field, fixed.grid).max()))
+    return metrics
 
 
 def write_registration(

@@ -30,6 +30,7 @@ __all__ = [
     "resize_field",
     "voxel_to_mm",
     "warp",
+    "warp_labels",
 ]
 
 
@@ -93,6 +94,12 @@ def warp(
         warper = Warp(mode=mode, padding_mode=padding_mode)
     warped = warper(image.to(work_dtype), field.to(work_dtype))
     return warped if is_float else warped.round().to(image.dtype)
+
+
+def warp_labels(labels: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+    """Integer label maps ``(B, 1, *S)`` pulled through ``field`` ``(B, ndim, *S)`` (voxels) with
+    nearest neighbour; same dtype as ``labels``."""
+    return warp(labels, field, mode="nearest")
 
 
 def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

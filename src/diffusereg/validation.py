@@ -12,8 +12,8 @@ the problem. The checks, in the order a registration runs them:
    no constant image, fixed and moving overlap in space, the fixed image spans enough of the
    model grid; label maps on their image's grid with non-negative integer values, and, when
    Dice is asked (both label maps), labelled structures in common.
-4. :func:`check_weights`, before a saved pipeline loads: no pickle weights unless trusted,
-   complete safetensors files whose tensors are the ones its config builds.
+
+(Weights are checked where pipelines are loaded: :func:`diffusereg.hub.check_weights`.)
 
 The checks of one image on its own (a 2D or 3D scalar image with finite voxels, positive
 spacing and an orthonormal direction; NIfTI files complete) run whenever an image is read or
@@ -23,8 +23,6 @@ given: :func:`diffusereg.io.read_image` and :func:`diffusereg.io.validate_image`
 
 from __future__ import annotations
 
-import importlib
-import json
 import math
 import os
 import tempfile
@@ -35,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-from safetensors import SafetensorError, safe_open
 
 from diffusereg.data.preprocessing import PaperPreprocessing
 from diffusereg.io import Grid, Image, InvalidImageError, read_grid
@@ -46,23 +43,20 @@ __all__ = [
     "MAX_EXTENT_RATIO",
     "MIN_MODEL_VOXELS",
     "MIN_OVERLAP_FRACTION",
-    "PICKLE_SUFFIXES",
     "RegistrationError",
-    "WeightsError",
     "check_field_target",
     "check_model_grid_arrays",
     "check_output_folder",
     "check_pair",
     "check_sources",
-    "check_weights",
     "physical_memory",
     "source_name",
 ]
 
 BYTES_PER_FIXED_VOXEL = 256
 """Peak memory of a registration per voxel of the fixed image's grid, bytes: the moving image
-resampled and warped there, the field in voxels, in mm and as an ITK image, the Jacobian.
-Measured: about 190 B for 3D float32 inputs (``docs/reliability.md``); rounded up."""
+resampled and warped there, the field in voxels, in mm and as an ITK image, the Jacobian; the
+measurement behind it, rounded up, is in ``docs/reliability.md``."""
 
 MIN_MODEL_VOXELS = 8
 """Fewest voxels the fixed image may span, on the model grid, along each axis the model registers:
@@ -85,10 +79,6 @@ MAX_EXTENT_RATIO = 2.0
 image before a warning: the shipped model was trained on pairs of one field of view (ratio 1),
 and twice the size along an axis rarely shows the same anatomy the same way."""
 
-PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-"""Weight files in Python's pickle format, which can run code when loaded."""
-
-
 class RegistrationError(ValueError):
     """A registration cannot run as asked (bad option, missing labels, an input would be
     overwritten, an unwritable output folder)."""
@@ -97,11 +87,6 @@ class RegistrationError(ValueError):
 class ImplausibleInputWarning(UserWarning):
     """The inputs can be registered but look unlike a registration problem (e.g. very different
     fields of view); the message says what to check."""
-
-
-class WeightsError(RegistrationError):
-    """A saved pipeline's weights are refused: pickle (untrusted), corrupt or truncated, or not
-    the tensors its config builds."""
 
 
 def source_name(source: object, role: str) -> str:
@@ -379,69 +364,3 @@ def check_field_target(grid: Grid, image: Image, names: Mapping[str, str], label
         _label_values(image, names["image"])
     if doubt is not None:
         warnings.warn(doubt, ImplausibleInputWarning, stacklevel=2)
-
-
-# ---------------------------------------------------------------------------------- model weights
-def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor in a safetensors file (its header only)."""
-    try:
-        with safe_open(str(path), framework="pt") as weights:
-            return {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
-    except (SafetensorError, OSError) as error:
-        raise WeightsError(f"{path}: weights file is corrupt or truncated ({error})") from error
-
-
-def _config_shapes(library: str, class_name: str, folder: Path) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor of the model ``folder/config.json`` builds (on the meta
-    device: no memory, no weights)."""
-    model_class = getattr(importlib.import_module(library), class_name)
-    with torch.device("meta"):
-        model = model_class.from_config(model_class.load_config(folder))
-    return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
-
-
-def _shapes_difference(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> str | None:
-    """How a weights file's tensors differ from the config's (one example), or None."""
-    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    if missing:
-        return f"{len(missing)} tensors missing, e.g. {missing[0]}"
-    if extra:
-        return f"{len(extra)} tensors the config has no place for, e.g. {extra[0]}"
-    for key, shape in found.items():
-        if shape != expected[key]:
-            return f"{key} has shape {list(shape)}, the config makes it {list(expected[key])}"
-    return None
-
-
-def check_weights(folder: str | os.PathLike, allow_pickle: bool = False) -> None:
-    """Check a saved pipeline folder (``save_pretrained`` output) before it loads.
-
-    For each component listed in ``model_index.json``: pickle weight files (``PICKLE_SUFFIXES``)
-    without a safetensors file beside them are refused unless ``allow_pickle``; every
-    safetensors file must be complete, and, for diffusereg's own models, hold exactly the
-    tensors (names and shapes) that the component's ``config.json`` builds. (diffusers would
-    otherwise load mismatched weights with a warning, leaving some layers random.)
-
-    Raises:
-        WeightsError: naming the file and the problem, one line.
-    """
-    folder = Path(folder)
-    index_file = folder / "model_index.json"
-    if not index_file.is_file():
-        return  # not a saved pipeline; the loader says so
-    for component, entry in json.loads(index_file.read_text()).items():
-        subfolder = folder / component
-        if component.startswith("_") or not isinstance(entry, list) or not subfolder.is_dir():
-            continue
-        tensor_files = sorted(subfolder.glob("*.safetensors"))
-        pickles = sorted(p for p in subfolder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles and not tensor_files and not allow_pickle:
-            raise WeightsError(f"{pickles[0]}: pickle weights can run code when loaded and are refused; convert them "
-                               "to safetensors, or pass --trust-pickle-weights (allow_pickle=True) if you trust their "
-                               "source")
-        found = {key: shape for path in tensor_files for key, shape in _tensor_shapes(path).items()}
-        library, class_name = entry
-        if tensor_files and str(library).split(".")[0] == "diffusereg":
-            difference = _shapes_difference(found, _config_shapes(library, class_name, subfolder))
-            if difference is not None:
-                raise WeightsError(f"{subfolder}: weights do not match its config.json ({difference})")

@@ -2,8 +2,8 @@
 
 Like Fig. 3 of the DiffuseReg paper, every step shows the warped moving image with the deformed
 grid drawn over it (and the fixed image's label contours, when known) and the displacement
-magnitude in mm. :func:`trajectory_slice` cuts one 2D slice out of the trajectory the pipeline
-returns (``return_trajectory=True``); :func:`save_trajectory_strip` draws a PNG strip of selected
+magnitude in mm. :func:`trajectory_slice` cuts one 2D slice out of the steps a
+:class:`~diffusereg.callbacks.TrajectoryRecorder` kept; :func:`save_trajectory_strip` draws a PNG strip of selected
 steps and :func:`save_trajectory_gif` an animation with one frame per recorded step. Files are
 written atomically.
 """
@@ -13,19 +13,25 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+import torch
 from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image as PILImage
 
-from diffusereg.data import ACDC_LABELS
 from diffusereg.io import write_atomically
+from diffusereg.metrics import ACDC_LABELS
 
-__all__ = ["LABEL_COLOURS", "TrajectorySlice", "save_trajectory_gif", "save_trajectory_strip", "trajectory_slice"]
+if TYPE_CHECKING:
+    from diffusereg.callbacks import TrajectoryRecorder
+    from diffusereg.data.preprocessing import ModelGrid
+    from diffusereg.pipelines.layout import ModelGridBatch
+
+__all__ = ["LABEL_COLOURS", "TrajectorySlice", "shown_slice", "trajectory_picture", "save_trajectory_gif", "save_trajectory_strip", "trajectory_slice"]
 
 _GRID_LINES = 12  # deformed grid: about this many lines per image side
 #: Contour colour of each ACDC structure (Okabe-Ito colours, told apart with colour-blindness too).
@@ -56,33 +62,60 @@ class TrajectorySlice:
     fixed_labels: np.ndarray | None = None
 
 
-def trajectory_slice(trajectory: dict[str, Any], axis_spacing: Sequence[float], num_steps: int, slice_index: int = 0,
-                     num_samples: int = 1, fixed: np.ndarray | None = None, moving: np.ndarray | None = None,
-                     fixed_labels: np.ndarray | None = None) -> TrajectorySlice:
-    """Cut one slice (first sample) out of a pipeline trajectory.
+def shown_slice(grid: ModelGrid, fixed_labels: np.ndarray | None) -> int:
+    """The model-grid slice (index along ``D``) worth showing: the one with the most fixed-label
+    voxels, else the middle of the image data; 0 for 2D images.
 
     Args:
-        trajectory: ``DiffuseRegPipelineOutput.trajectory``: ``steps``, ``fields``
-            ``(T, N, ndim, *S)`` (voxels) and ``warped`` ``(T, N, 1, *S)`` on the model grid.
+        grid: the model grid of the registration.
+        fixed_labels: the fixed labels on the model grid ``(D, H, W)``, or None.
+    """
+    if grid.model.ndim == 2:
+        return 0
+    if fixed_labels is not None and np.any(fixed_labels > 0):
+        return int(np.argmax((fixed_labels > 0).sum(axis=(1, 2))))
+    region = grid.data_region[0]
+    return (region.start + region.stop - 1) // 2
+
+
+def trajectory_slice(recorder: TrajectoryRecorder, axis_spacing: Sequence[float], num_steps: int, slice_index: int = 0,
+                     fixed: np.ndarray | None = None, moving: np.ndarray | None = None,
+                     fixed_labels: np.ndarray | None = None) -> TrajectorySlice:
+    """Cut one slice of the first sample out of the steps a :class:`~diffusereg.callbacks.TrajectoryRecorder`
+    kept during one pipeline call on one pair.
+
+    Args:
+        recorder: holds ``fields`` ``(num_samples, ndim, *S)`` (voxels) and ``warped``
+            ``(num_samples, *S)`` per recorded step, on the model grid (a volume's field is
+            ``(3, D, H, W)``, whether a 2D model registered it slice by slice or a 3D model whole).
         axis_spacing: model grid voxel size, mm, array-axis order (``(D, H, W)`` or ``(H, W)``).
         num_steps: the number of sampling steps asked for.
-        slice_index: index along ``D`` for volumes: a 3D field's depth index, or for a 2D model
-            that registered a volume slice by slice (``N = D * num_samples``), the slice.
-        num_samples: samples per pair in the call (``N`` counts slices times samples).
+        slice_index: index along ``D`` for volumes.
         fixed, moving, fixed_labels: the same slice of the model-grid inputs, for display.
     """
-    fields = np.asarray(trajectory["fields"], dtype=np.float32)
-    warped = np.asarray(trajectory["warped"], dtype=np.float32)[:, :, 0]
-    ndim = fields.shape[2]
-    if ndim == 3:  # a 3D model: (T, N, 3, D, H, W); depth slice `slice_index` of sample 0
-        field, image = fields[:, 0, :, slice_index], warped[:, 0, slice_index]
-    else:  # a 2D model: item `slice_index * num_samples` when it registered a volume's slices
-        item = slice_index * num_samples if fields.shape[1] > num_samples else 0
-        field, image = fields[:, item], warped[:, item]
+    fields = torch.stack(recorder.fields)[:, 0].numpy().astype(np.float32)  # (T, ndim, *S)
+    warped = torch.stack(recorder.warped)[:, 0].numpy().astype(np.float32)  # (T, *S)
+    ndim = fields.shape[1]
+    if fields.ndim != ndim + 2:
+        raise ValueError(f"a trajectory of one pair has fields (ndim, *S), got {fields.shape[1:]}")
+    if ndim == 3:
+        fields, warped = fields[:, :, slice_index], warped[:, slice_index]
     spacing = np.asarray(axis_spacing[-ndim:], dtype=np.float32).reshape(1, ndim, 1, 1)
-    magnitude = np.sqrt(((field * spacing) ** 2).sum(axis=1))
-    return TrajectorySlice(list(trajectory["steps"]), num_steps, image, field[:, -2:], magnitude, fixed, moving,
+    magnitude = np.sqrt(((fields * spacing) ** 2).sum(axis=1))
+    return TrajectorySlice(list(recorder.steps), num_steps, warped, fields[:, -2:], magnitude, fixed, moving,
                            fixed_labels)
+
+
+def trajectory_picture(recorder: TrajectoryRecorder, batch: ModelGridBatch, fixed_labels: np.ndarray | None,
+                       num_steps: int) -> TrajectorySlice:
+    """The slice worth showing (:func:`shown_slice`) of the steps recorded during one registration
+    of images with geometry, with the model-grid images of ``batch`` and the model-grid
+    ``fixed_labels`` (or None) for display."""
+    grid = batch.images.grid
+    index = shown_slice(grid, fixed_labels)
+    images = [batch.to_output(x, is_field=False).numpy() for x in (batch.fixed, batch.moving)]
+    shown = [None if x is None else (x if x.ndim == 2 else x[index]) for x in (*images, fixed_labels)]
+    return trajectory_slice(recorder, grid.model.axis_spacing, num_steps, index, *shown)
 
 
 def _show_image(ax: Axes, image: np.ndarray, title: str, labels: np.ndarray | None) -> None:

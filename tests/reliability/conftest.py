@@ -14,7 +14,7 @@ import pytest
 from diffusereg.cli import main
 from diffusereg.data import PairFiles
 from diffusereg.phantom import write_phantom
-from diffusereg.pipelines import DiffuseRegPipeline
+from tiny import save_tiny_pipeline
 
 CliRun = Callable[..., tuple[int, str]]
 
@@ -26,13 +26,9 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> PairFiles:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shared tiny 2D pipeline on a model grid of 4 x 64 x 64: the case's 4 slices, no padding."""
-    pipe = DiffuseRegPipeline.from_pretrained(tiny_model)
-    pipe.register_to_config(model_size=[4, 64, 64])
-    folder = tmp_path_factory.mktemp("model") / "tiny_4_slices"
-    pipe.save_pretrained(folder)
-    return folder
+def case_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny 2D pipeline on a model grid of 4 x 64 x 64: the case's 4 slices, no padding."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("model") / "tiny_4_slices", 2, model_size=(4, 64, 64))
 
 
 @pytest.fixture

@@ -28,7 +28,9 @@ from safetensors.torch import load_file
 from diffusereg.data import PairFiles
 from diffusereg.io import Image, read_image, write_image
 from diffusereg.pipelines import DiffuseRegPipeline
-from diffusereg.registration import RegistrationSettings, load_pipeline, register_pair
+from diffusereg import registration
+from diffusereg.hub import load_pipeline
+from diffusereg.registration import RegistrationSettings, register_pair
 
 WEIGHTS = Path("denoiser/diffusion_pytorch_model.safetensors")
 
@@ -309,9 +311,9 @@ CASES = [missing_file, corrupt_nifti, truncated_nifti, image_4d, image_2d_with_3
 
 
 @pytest.fixture
-def setup(case: PairFiles, tmp_path: Path, tiny_model: Path, tiny_model_3d: Path,
+def setup(case: PairFiles, tmp_path: Path, case_model: Path, tiny_model_3d: Path,
           request: pytest.FixtureRequest) -> Setup:
-    return Setup(case, tmp_path, tiny_model, tiny_model_3d, request)
+    return Setup(case, tmp_path, case_model, tiny_model_3d, request)
 
 
 def files_in(folder: Path) -> list[str]:
@@ -353,7 +355,7 @@ def test_too_large_is_refused_before_reading_a_voxel(setup: Setup, monkeypatch: 
     def no_reading(*args: object) -> None:
         raise AssertionError("voxels were read")
 
-    monkeypatch.setattr("diffusereg.registration.read_image", no_reading)
+    monkeypatch.setattr("diffusereg.pipelines.layout.read_image", no_reading)
     monkeypatch.setattr("diffusereg.io._check_nifti", no_reading)
     request = too_large(setup).request
     code, error = cli(*request.argv())
@@ -393,6 +395,7 @@ def test_trusted_pickle_weights_load_and_register_like_safetensors(setup: Setup,
     assert (output / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_console_script_refuses_with_one_line(setup: Setup) -> None:
     """A real process: exit code 2, exactly one line on stderr, no output folder."""
     request = constant_image(setup).request
@@ -416,7 +419,7 @@ def test_a_much_larger_moving_image_registers_with_a_warning(setup: Setup, cli) 
     code, error = cli(*replace(setup.good, moving=path).argv())
     assert code == 0
     warning = [line for line in error.splitlines() if line.startswith("diffusereg register: warning: ")]
-    assert warning and f"{path}: spans 2.3 times" in warning[0] and "same anatomy" in warning[0], error
+    assert len(warning) == 1 and f"{path}: spans 2.3 times" in warning[0] and "same anatomy" in warning[0], error
 
 
 @pytest.mark.parametrize(("arrays", "expected"), [
@@ -433,3 +436,36 @@ def test_pipeline_refuses_arrays_off_the_model_grid(arrays, expected: str, setup
     with pytest.raises(ValueError) as caught:
         DiffuseRegPipeline.from_pretrained(setup.model)(fixed, moving)
     assert str(caught.value).startswith(expected) and "pipe.preprocessing(" in str(caught.value), caught.value
+
+
+def test_one_registration_reads_each_input_once_and_runs_each_check_once(setup: Setup, cli,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """``diffusereg register`` with both label maps: one header read (``read_grid``) and one full
+    read (``read_image``) per input file, and every check of diffusereg.validation once."""
+    import diffusereg.validation
+    from diffusereg.pipelines import layout
+
+    calls: dict[str, list[str]] = {}
+
+    def counting(module: object, name: str) -> None:
+        original = getattr(module, name)
+
+        def counted(*args: object, **kwargs: object) -> object:
+            calls.setdefault(name, []).append(str(args[0]) if name.startswith("read") else "")
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+
+    counting(diffusereg.validation, "read_grid")
+    counting(layout, "read_image")
+    for name in ("check_sources", "check_output_folder", "check_pair", "check_model_grid_arrays"):
+        for module in (diffusereg.validation, registration, layout):
+            if hasattr(module, name):
+                counting(module, name)
+    request = setup.labelled
+    assert cli(*request.argv())[0] == 0
+    inputs = sorted(str(p) for p in (request.fixed, request.moving, request.fixed_labels, request.moving_labels))
+    assert sorted(calls["read_grid"]) == inputs and sorted(calls["read_image"]) == inputs
+    assert {name: len(calls[name]) for name in ("check_sources", "check_output_folder", "check_pair",
+                                                 "check_model_grid_arrays")} == dict.fromkeys(
+        ("check_sources", "check_output_folder", "check_pair", "check_model_grid_arrays"), 1)

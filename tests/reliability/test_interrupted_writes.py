@@ -14,7 +14,8 @@ import SimpleITK as sitk
 from diffusereg import io, visualize
 from diffusereg import outputs as output_files
 from diffusereg.data import PairFiles
-from diffusereg.registration import RegistrationSettings, load_pipeline, register_pair
+from diffusereg.hub import load_pipeline
+from diffusereg.registration import RegistrationSettings, register_pair
 
 
 def every_file(folder: Path) -> list[str]:
@@ -27,7 +28,7 @@ def labelled_argv(case: PairFiles, output: Path, model: Path) -> list[str | Path
             "--moving-labels", case.moving_labels, "--model", model, "--steps", "1"]
 
 
-def test_every_output_is_written_atomically(case: PairFiles, tiny_model: Path, tmp_path: Path, cli,
+def test_every_output_is_written_atomically(case: PairFiles, case_model: Path, tmp_path: Path, cli,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     written: list[str] = []
     real = io.write_atomically
@@ -39,31 +40,31 @@ def test_every_output_is_written_atomically(case: PairFiles, tiny_model: Path, t
     for module in (io, output_files, visualize):
         monkeypatch.setattr(module, "write_atomically", recording)
     output = tmp_path / "out"
-    code, error = cli(*labelled_argv(case, output, tiny_model), "--samples", "2", "--save-trajectory")
+    code, error = cli(*labelled_argv(case, output, case_model), "--samples", "2", "--save-trajectory")
     assert code == 0, error
     outputs = json.loads((output / "metrics.json").read_text())["outputs"]
     assert sorted(written) == sorted(outputs) == every_file(output)
     assert written[-1] == "metrics.json"
 
 
-def test_interrupted_write_leaves_no_output(case: PairFiles, tiny_model: Path, tmp_path: Path, cli,
+def test_interrupted_write_leaves_no_output(case: PairFiles, case_model: Path, tmp_path: Path, cli,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl+C while field.h5 is half written, in a folder holding an earlier finished registration:
     exit code 130 and an empty folder (the earlier outputs were removed before writing began)."""
     output = tmp_path / "out"
-    assert cli(*labelled_argv(case, output, tiny_model))[0] == 0
+    assert cli(*labelled_argv(case, output, case_model))[0] == 0
 
     def interrupted(transform: sitk.Transform, path: str) -> None:
         Path(path).write_bytes(b"half a transform")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(sitk, "WriteTransform", interrupted)
-    code, error = cli(*labelled_argv(case, output, tiny_model))
+    code, error = cli(*labelled_argv(case, output, case_model))
     assert (code, error.splitlines()[-1]) == (130, "diffusereg register: interrupted")  # after the progress bar
     assert every_file(output) == []
 
 
-def test_failed_write_leaves_no_output(case: PairFiles, tiny_model: Path, tmp_path: Path,
+def test_failed_write_leaves_no_output(case: PairFiles, case_model: Path, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A full disk while jacobian.nii.gz is written (after warped, field.h5 and field.nii.gz)."""
     real = sitk.WriteImage
@@ -77,11 +78,11 @@ def test_failed_write_leaves_no_output(case: PairFiles, tiny_model: Path, tmp_pa
     monkeypatch.setattr(sitk, "WriteImage", disk_full)
     output = tmp_path / "out"
     with pytest.raises(OSError, match="No space left on device"):
-        register_pair(load_pipeline(str(tiny_model)), case.fixed, case.moving, output, RegistrationSettings(steps=1))
+        register_pair(load_pipeline(str(case_model)), case.fixed, case.moving, output, RegistrationSettings(steps=1))
     assert every_file(output) == []
 
 
-def test_itk_write_error_is_one_line_naming_the_file(case: PairFiles, tiny_model: Path, tmp_path: Path, cli,
+def test_itk_write_error_is_one_line_naming_the_file(case: PairFiles, case_model: Path, tmp_path: Path, cli,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """SimpleITK reports a failed write (e.g. a full disk) as a multi-line RuntimeError: the command
     ends with exit code 2, one line naming the file, and no outputs."""
@@ -95,7 +96,7 @@ def test_itk_write_error_is_one_line_naming_the_file(case: PairFiles, tiny_model
 
     monkeypatch.setattr(sitk, "WriteImage", itk_failure)
     output = tmp_path / "out"
-    code, error = cli(*labelled_argv(case, output, tiny_model))
+    code, error = cli(*labelled_argv(case, output, case_model))
     message = error.strip().splitlines()[-1]
     assert code == 2
     assert "warped.nii.gz: cannot be written (itk::ERROR: NiftiImageIO: Could not write all the data)" in message

@@ -6,7 +6,7 @@
 - `PairedDataset`: pairs listed in a CSV or JSON file.
 """
 
-from diffusereg.data.acdc import ACDC_LABELS, ACDC_VALIDATION_PATIENTS, ACDCDataset, ACDCPatient, read_acdc_patient
+from diffusereg.data.acdc import ACDC_VALIDATION_PATIENTS, ACDCDataset, ACDCPatient, read_acdc_patient
 from diffusereg.data.base import PairCase, PairDataset, PairFiles
 from diffusereg.data.paired import PairedDataset, read_pair_list
 from diffusereg.data.preprocessing import (
@@ -18,7 +18,6 @@ from diffusereg.data.preprocessing import (
 )
 
 __all__ = [
-    "ACDC_LABELS",
     "ACDC_VALIDATION_PATIENTS",
     "ACDCDataset",
     "ACDCPatient",

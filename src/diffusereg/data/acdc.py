@@ -19,10 +19,8 @@ from typing import Literal
 from diffusereg.data.base import PairDataset, PairFiles
 from diffusereg.data.preprocessing import PaperPreprocessing
 
-__all__ = ["ACDC_LABELS", "ACDC_VALIDATION_PATIENTS", "ACDCDataset", "ACDCPatient", "read_acdc_patient"]
+__all__ = ["ACDC_VALIDATION_PATIENTS", "ACDCDataset", "ACDCPatient", "read_acdc_patient"]
 
-ACDC_LABELS: dict[str, int] = {"RV": 1, "Myo": 2, "LV": 3}
-"""ACDC label values (0 is background)."""
 
 ACDC_VALIDATION_PATIENTS: tuple[str, ...] = tuple(f"patient{n:03d}" for n in range(10, 101, 10))
 """The validation split: two patients of each group (DCM 010 020, HCM 030 040, MINF 050 060,

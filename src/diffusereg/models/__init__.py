@@ -6,16 +6,12 @@ from diffusereg.models.interface import (
     PREDICTION_TYPES,
     DenoiserCondition,
     DenoiserOutput,
-    clean_and_noise,
-    prediction_target,
 )
 from diffusereg.models.teacher import RegistrationNet
 from diffusereg.models.unet_denoiser import ConditionalUNetDenoiser
 
 __all__ = [
     "PREDICTION_TYPES",
-    "clean_and_noise",
-    "prediction_target",
     "ConditionalUNetDenoiser",
     "DenoiserCondition",
     "DenoiserOutput",

@@ -16,12 +16,10 @@ from diffusereg.models.fusion_attention import CONDITION_MASKS
 from diffusereg.models.interface import (
     PREDICTION_TYPES,
     DenoiserCondition,
-    DenoiserOutput,
-    check_denoiser_inputs,
+    DenoiserForward,
     check_image_pair,
-    resolve_condition,
 )
-from diffusereg.models.swin_encoder import FieldSwinEncoder, ImageSwinEncoder
+from diffusereg.models.swin_encoder import FieldSwinEncoder, ImageSwinEncoder, SwinLayout
 
 
 @dataclass(frozen=True)
@@ -40,7 +38,7 @@ FUSIONS = ("layerwise", "concat")
 SIZE_MULTIPLE = 32
 
 
-class DiffuseRegDenoiser(ModelMixin, ConfigMixin):
+class DiffuseRegDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
     r"""Predicts the noise in a z-scored displacement field given the fixed and moving images.
 
     Architecture (DiffuseReg, Zhuo & Shen 2024): a Swin image encoder runs on the fixed and the
@@ -68,7 +66,7 @@ class DiffuseRegDenoiser(ModelMixin, ConfigMixin):
             fields; None = zeros / ones. Stored only, never used by the network.
         prediction_type: what the output means: ``"epsilon"`` (the noise, as in the paper),
             ``"sample"`` (the clean z-scored field) or ``"v_prediction"``; see
-            :func:`~diffusereg.models.interface.clean_and_noise`. Stored only: the network is the same.
+            :func:`~diffusereg.schedulers.clean_and_noise`. Stored only: the network is the same.
 
     Inputs of every spatial size that is a multiple of 32 are accepted.
 
@@ -130,25 +128,18 @@ class DiffuseRegDenoiser(ModelMixin, ConfigMixin):
         time_embed_dim = 4 * feature_size
         self.time_proj = Timesteps(feature_size, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(feature_size, time_embed_dim)
-        swin = {
-            "spatial_dims": spatial_dims,
-            "feature_size": feature_size,
-            "depths": depths,
-            "num_heads": num_heads,
-            "window_size": window_size,
-            "patch_size": 2,
-            "mlp_ratio": mlp_ratio,
-        }
+        layout = SwinLayout(spatial_dims, feature_size, depths, num_heads, window_size, patch_size=2,
+                            mlp_ratio=mlp_ratio)
         layerwise = fusion == "layerwise"
         num_encoders = (1 if share_image_encoder else 2) if layerwise else 0
         #: ``image_encoders[0]`` encodes the fixed image, ``image_encoders[-1]`` the moving one.
-        self.image_encoders = nn.ModuleList(ImageSwinEncoder(**swin) for _ in range(num_encoders))
+        self.image_encoders = nn.ModuleList(ImageSwinEncoder(layout) for _ in range(num_encoders))
         self.backbone = FieldSwinEncoder(
+            layout,
             in_channels=spatial_dims if layerwise else spatial_dims + 2,
             time_embed_dim=time_embed_dim,
             num_groups=3 if layerwise else 1,
             condition_mask=condition_mask,
-            **swin,
         )
         self.decoder = SwinUNETRDecoder(
             spatial_dims,
@@ -181,33 +172,11 @@ class DiffuseRegDenoiser(ModelMixin, ConfigMixin):
         )
         return DenoiserCondition(fixed=fixed, moving=moving, features=features)
 
-    def forward(
-        self,
-        sample: Tensor,
-        timestep: Tensor | float | int,
-        fixed: Tensor | None = None,
-        moving: Tensor | None = None,
-        condition: DenoiserCondition | None = None,
-        return_dict: bool = True,
-    ) -> DenoiserOutput | tuple[Tensor]:
-        """Predict the noise in ``sample`` (or, per ``prediction_type``, the clean field or the velocity).
-
-        Args:
-            sample: noisy z-scored field ``(B, ndim, *S)``.
-            timestep: diffusion step, scalar or ``(B,)``.
-            fixed, moving: images ``(B, 1, *S)``; or instead
-            condition: ``encode_condition(fixed, moving)`` (batch B or 1), computed once per pair.
-            return_dict: return :class:`DenoiserOutput` (True) or a 1-tuple.
-
-        Returns:
-            The prediction ``(B, ndim, *S)`` as ``DenoiserOutput.sample`` or a 1-tuple.
-        """
-        condition = resolve_condition(condition, fixed, moving, self.encode_condition)
-        timestep, condition = check_denoiser_inputs(sample, timestep, condition)
+    def predict(self, sample: Tensor, timestep: Tensor, condition: DenoiserCondition) -> Tensor:
+        """The network on a checked batch (see :meth:`DenoiserForward.forward`)."""
         if bool(self.image_encoders) != bool(condition.features):
             raise ValueError("`condition` does not fit this model; build it with this model's `encode_condition`")
         temb = self.time_embedding(self.time_proj(timestep).to(sample.dtype))
         x_in = torch.cat([sample, condition.fixed, condition.moving], dim=1)
         hidden = self.backbone(sample if self.image_encoders else x_in, temb, condition.features)
-        noise = self.decoder(x_in, hidden, temb)
-        return DenoiserOutput(sample=noise) if return_dict else (noise,)
+        return self.decoder(x_in, hidden, temb)

@@ -4,8 +4,9 @@ A denoiser sees a noisy z-scored displacement field ``sample`` of shape ``(B, nd
 fixed and moving images ``(B, 1, *S)`` (intensities in ``[0, 1]``) and the diffusion timestep,
 and predicts, as its config's ``prediction_type`` says (:data:`PREDICTION_TYPES`), the noise in
 ``sample`` (``"epsilon"``, the paper's choice), the clean field itself (``"sample"``) or the
-velocity ``v = sqrt(a) eps - sqrt(1 - a) x0`` (``"v_prediction"``); :func:`clean_and_noise`
-turns any of them into the clean-field and noise estimates. Image-only work is split off into
+velocity ``v = sqrt(a) eps - sqrt(1 - a) x0`` (``"v_prediction"``);
+:func:`diffusereg.schedulers.clean_and_noise` turns any of them into the clean-field and noise
+estimates. Image-only work is split off into
 ``encode_condition`` so that a sampling loop runs it once per registration, not once per step.
 """
 
@@ -39,40 +40,6 @@ class DenoiserOutput(BaseOutput):
     sample: Tensor
 
 
-def clean_and_noise(prediction: Tensor, noisy: Tensor, alpha_bar: Tensor, prediction_type: str) -> tuple[Tensor, Tensor]:
-    """Clean-field and noise estimates from a denoiser's output, ``noisy = sqrt(a) x0 + sqrt(1 - a) eps``.
-
-    Args:
-        prediction: the denoiser's output ``(B, ndim, *S)``.
-        noisy: the field it was given, same shape (z-scored).
-        alpha_bar: ``a``, the cumulative signal fraction at the timestep, broadcastable to the field.
-        prediction_type: one of :data:`PREDICTION_TYPES`.
-
-    Returns:
-        ``(x0, eps)``, both z-scored like ``noisy``.
-    """
-    signal, spread = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-    if prediction_type == "epsilon":
-        return (noisy - spread * prediction) / signal, prediction
-    if prediction_type == "sample":
-        return prediction, (noisy - signal * prediction) / spread
-    if prediction_type == "v_prediction":
-        return signal * noisy - spread * prediction, spread * noisy + signal * prediction
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-
-
-def prediction_target(clean: Tensor, noise: Tensor, alpha_bar: Tensor, prediction_type: str) -> Tensor:
-    """What a denoiser of ``prediction_type`` should output for ``noisy = sqrt(a) clean + sqrt(1 - a) noise``
-    (the inverse of :func:`clean_and_noise`); all tensors z-scored, ``alpha_bar`` broadcastable."""
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "sample":
-        return clean
-    if prediction_type == "v_prediction":
-        return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * clean
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-
-
 @dataclass(frozen=True)
 class DenoiserCondition:
     """Everything a denoiser needs from the image pair, computed once by ``encode_condition``.
@@ -104,6 +71,38 @@ class DenoiserCondition:
 
         features = tuple(tuple(tuple(grow(t) for t in block) for block in stage) for stage in self.features)
         return replace(self, fixed=grow(self.fixed), moving=grow(self.moving), features=features)
+
+
+class DenoiserForward:
+    """The ``forward`` every denoiser shares: take the images or a condition, check the field
+    against it, broadcast timestep and condition to the batch, then ``predict``."""
+
+    def forward(
+        self,
+        sample: Tensor,
+        timestep: Tensor | float | int,
+        fixed: Tensor | None = None,
+        moving: Tensor | None = None,
+        condition: DenoiserCondition | None = None,
+        return_dict: bool = True,
+    ) -> DenoiserOutput | tuple[Tensor]:
+        """Predict, per the config's ``prediction_type``, the noise in ``sample``, the clean field or
+        the velocity.
+
+        Args:
+            sample: noisy z-scored field ``(B, ndim, *S)``.
+            timestep: diffusion step, scalar or ``(B,)``.
+            fixed, moving: images ``(B, 1, *S)``; or instead
+            condition: ``encode_condition(fixed, moving)`` (batch B or 1), computed once per pair.
+            return_dict: return :class:`DenoiserOutput` (True) or a 1-tuple.
+
+        Returns:
+            The prediction ``(B, ndim, *S)`` as ``DenoiserOutput.sample`` or a 1-tuple.
+        """
+        condition = resolve_condition(condition, fixed, moving, self.encode_condition)
+        timestep, condition = check_denoiser_inputs(sample, timestep, condition)
+        prediction = self.predict(sample, timestep, condition)
+        return DenoiserOutput(sample=prediction) if return_dict else (prediction,)
 
 
 def check_image_pair(fixed: Tensor, moving: Tensor, spatial_dims: int, multiple: int) -> None:

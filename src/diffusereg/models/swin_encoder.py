@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -49,10 +50,11 @@ def _padded(spatial: Sequence[int], window: Sequence[int]) -> list[int]:
     return [math.ceil(s / w) * w for s, w in zip(spatial, window)]
 
 
-class ImageSwinEncoder(nn.Module):
-    """Swin Transformer on one image that returns the pre-attention features of every block.
+@dataclass(frozen=True)
+class SwinLayout:
+    """The shape of a Swin encoder, shared by the image encoder and the field backbone.
 
-    Args:
+    Attributes:
         spatial_dims: 2 or 3.
         feature_size: channels after patch embedding (doubles per stage).
         depths: blocks per stage.
@@ -60,37 +62,47 @@ class ImageSwinEncoder(nn.Module):
         window_size: attention window per spatial axis.
         patch_size: patch-embedding stride.
         mlp_ratio: hidden width of the block MLP relative to its channels.
+    """
+
+    spatial_dims: int
+    feature_size: int
+    depths: tuple[int, ...]
+    num_heads: tuple[int, ...]
+    window_size: tuple[int, ...]
+    patch_size: int
+    mlp_ratio: float
+
+    @property
+    def dims(self) -> list[int]:
+        """Channels of each stage."""
+        return [self.feature_size * 2**i for i in range(len(self.depths))]
+
+    def patch_embed(self, in_channels: int) -> PatchEmbed:
+        return PatchEmbed(self.patch_size, in_channels, self.feature_size, norm_layer=None,  # type: ignore[arg-type]
+                          spatial_dims=self.spatial_dims)
+
+
+class ImageSwinEncoder(nn.Module):
+    """Swin Transformer on one image that returns the pre-attention features of every block.
 
     The very last block contributes only its normalised input (nothing reads its output), so it
     is built as that block's LayerNorm alone and the last stage has no patch merging.
     """
 
-    def __init__(
-        self,
-        spatial_dims: int,
-        feature_size: int,
-        depths: Sequence[int],
-        num_heads: Sequence[int],
-        window_size: Sequence[int],
-        patch_size: int,
-        mlp_ratio: float,
-    ) -> None:
+    def __init__(self, layout: SwinLayout) -> None:
         super().__init__()
-        self.window_size = tuple(window_size)
-        self.shift_size = tuple(w // 2 for w in window_size)
-        self.patch_embed = PatchEmbed(
-            patch_size, 1, feature_size, norm_layer=None, spatial_dims=spatial_dims  # type: ignore[arg-type]
-        )
-        dims = [feature_size * 2**i for i in range(len(depths))]
-        last = len(depths) - 1
+        self.window_size = tuple(layout.window_size)
+        self.shift_size = tuple(w // 2 for w in layout.window_size)
+        self.patch_embed = layout.patch_embed(1)
+        dims, depths, last = layout.dims, layout.depths, len(layout.depths) - 1
         self.stages = nn.ModuleList(
             nn.ModuleList(
-                SwinTransformerBlock(dim, heads, self.window_size, shift, mlp_ratio=mlp_ratio)
-                for shift in _shifts(window_size, depth)[: depth - 1 if i == last else depth]
+                SwinTransformerBlock(dim, heads, self.window_size, shift, mlp_ratio=layout.mlp_ratio)
+                for shift in _shifts(layout.window_size, depth)[: depth - 1 if i == last else depth]
             )
-            for i, (dim, depth, heads) in enumerate(zip(dims, depths, num_heads))
+            for i, (dim, depth, heads) in enumerate(zip(dims, depths, layout.num_heads))
         )
-        self.merges = nn.ModuleList(PatchMerging(dim, spatial_dims=spatial_dims) for dim in dims[:-1])
+        self.merges = nn.ModuleList(PatchMerging(dim, spatial_dims=layout.spatial_dims) for dim in dims[:-1])
         self.final_norm = nn.LayerNorm(dims[-1])
 
     def forward(self, image: Tensor) -> tuple[tuple[Tensor, ...], ...]:
@@ -186,42 +198,27 @@ class FieldSwinEncoder(nn.Module):
     """Backbone encoder for the noisy field: Swin stages of :class:`FusionSwinBlock` (SwinUNETR layout).
 
     Args:
-        spatial_dims: 2 or 3.
+        layout: the stages' shape, as the image encoder's.
         in_channels: channels patch-embedded at the input (``ndim``, or ``ndim + 2`` for concat fusion).
-        feature_size, depths, num_heads, window_size, patch_size, mlp_ratio: as the image encoder.
         time_embed_dim: width of the timestep embedding projected to one time token per stage.
         num_groups: token groups per window after the time token (3 = fixed, moving, field; 1 = field).
         condition_mask: see :func:`fusion_attention_mask`.
     """
 
-    def __init__(
-        self,
-        spatial_dims: int,
-        in_channels: int,
-        feature_size: int,
-        depths: Sequence[int],
-        num_heads: Sequence[int],
-        window_size: Sequence[int],
-        patch_size: int,
-        mlp_ratio: float,
-        time_embed_dim: int,
-        num_groups: int,
-        condition_mask: str,
-    ) -> None:
+    def __init__(self, layout: SwinLayout, in_channels: int, time_embed_dim: int, num_groups: int,
+                 condition_mask: str) -> None:
         super().__init__()
-        dims = [feature_size * 2**i for i in range(len(depths))]
-        self.patch_embed = PatchEmbed(
-            patch_size, in_channels, feature_size, norm_layer=None, spatial_dims=spatial_dims  # type: ignore[arg-type]
-        )
+        dims = layout.dims
+        self.patch_embed = layout.patch_embed(in_channels)
         self.time_tokens = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(time_embed_dim, dim)) for dim in dims)
         self.stages = nn.ModuleList(
             nn.ModuleList(
-                FusionSwinBlock(dim, heads, window_size, shift, num_groups, condition_mask, mlp_ratio)
-                for shift in _shifts(window_size, depth)
+                FusionSwinBlock(dim, heads, layout.window_size, shift, num_groups, condition_mask, layout.mlp_ratio)
+                for shift in _shifts(layout.window_size, depth)
             )
-            for dim, depth, heads in zip(dims, depths, num_heads)
+            for dim, depth, heads in zip(dims, layout.depths, layout.num_heads)
         )
-        self.merges = nn.ModuleList(PatchMerging(dim, spatial_dims=spatial_dims) for dim in dims)
+        self.merges = nn.ModuleList(PatchMerging(dim, spatial_dims=layout.spatial_dims) for dim in dims)
 
     def forward(self, x: Tensor, temb: Tensor, features: BlockFeatures = ()) -> list[Tensor]:
         """Encode the field.

@@ -10,16 +10,10 @@ from diffusers.models.modeling_utils import ModelMixin
 from monai.networks.nets import DiffusionModelUNet
 from torch import Tensor
 
-from diffusereg.models.interface import (
-    DenoiserCondition,
-    DenoiserOutput,
-    check_denoiser_inputs,
-    check_image_pair,
-    resolve_condition,
-)
+from diffusereg.models.interface import DenoiserCondition, DenoiserForward, check_image_pair
 
 
-class ConditionalUNetDenoiser(ModelMixin, ConfigMixin):
+class ConditionalUNetDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
     """MONAI ``DiffusionModelUNet`` predicting field noise from ``concat(field, fixed, moving)``.
 
     Same interface as :class:`~diffusereg.models.DiffuseRegDenoiser`; ``encode_condition`` only
@@ -74,18 +68,6 @@ class ConditionalUNetDenoiser(ModelMixin, ConfigMixin):
         check_image_pair(fixed, moving, self.config.spatial_dims, self.size_multiple)
         return DenoiserCondition(fixed=fixed, moving=moving)
 
-    def forward(
-        self,
-        sample: Tensor,
-        timestep: Tensor | float | int,
-        fixed: Tensor | None = None,
-        moving: Tensor | None = None,
-        condition: DenoiserCondition | None = None,
-        return_dict: bool = True,
-    ) -> DenoiserOutput | tuple[Tensor]:
-        """Predict the noise in ``sample`` ``(B, ndim, *S)``; arguments as ``DiffuseRegDenoiser.forward``."""
-        condition = resolve_condition(condition, fixed, moving, self.encode_condition)
-        timestep, condition = check_denoiser_inputs(sample, timestep, condition)
-        x_in = torch.cat([sample, condition.fixed, condition.moving], dim=1)
-        noise = self.unet(x_in, timestep)
-        return DenoiserOutput(sample=noise) if return_dict else (noise,)
+    def predict(self, sample: Tensor, timestep: Tensor, condition: DenoiserCondition) -> Tensor:
+        """The UNet on ``concat(field, fixed, moving)`` of a checked batch."""
+        return self.unet(torch.cat([sample, condition.fixed, condition.moving], dim=1), timestep)

@@ -7,10 +7,10 @@ trainer starts (run from the repository root, or give absolute paths).
 
 Example (``configs/teacher_2d_cpu.yaml``)::
 
-    data: {spatial_dims: 2, acdc_root: ../shared/data/acdc/training, batch_size: 8}
+    data: {spatial_dims: 2, acdc_root: path/to/acdc/training, batch_size: 8}
     model: {channels: [16, 32, 32, 32]}
     loss: {similarity: ssim, smoothness_weight: 1.0}
-    train: {max_steps: 2000, output_dir: runs/teacher_2d}
+    train: {max_steps: 2000, output_dir: path/to/output}
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ __all__ = [
     "DiffusionLossConfig",
     "LoopConfig",
     "OptimConfig",
+    "StageConfig",
     "TeacherConfig",
     "TeacherLossConfig",
     "ValidationConfig",
@@ -71,7 +72,7 @@ class DataConfig:
     spatial_dims: Literal[2, 3] = 2
     spacing: list[float] = field(default_factory=lambda: [1.5, 1.5, 3.15])  # model grid voxel size, mm, ITK (x, y, z)
     size: list[int] = field(default_factory=lambda: [32, 128, 128])  # model grid shape (D, H, W); 2D uses (H, W)
-    acdc_root: str | None = "../shared/data/acdc/training"
+    acdc_root: str | None = None
     train_split: Literal["train", "val", "all"] = "train"
     val_split: Literal["train", "val", "all"] = "val"
     train_patients: list[str] | None = None  # restrict training to these patients (e.g. tests)
@@ -104,7 +105,7 @@ class LoopConfig:
     step, so the effective batch is ``batch_size * num_processes``.
     """
 
-    output_dir: str = "runs/train"
+    output_dir: str | None = None  # required (the config or --output)
     max_steps: int = 1000
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "no"  # auto: bf16 on a GPU that has it
@@ -151,40 +152,43 @@ class DiffusionLossConfig:
 
 
 @dataclass
-class TeacherConfig:
-    """Stage 1: the one-shot registration network that gives phi0 (``model`` is passed to
-    :class:`diffusereg.models.RegistrationNet` as keyword arguments)."""
+class StageConfig:
+    """What both stages are configured with: data, network (``model``: keyword arguments of the
+    stage's network class), optimiser, loop and validation."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: dict[str, Any] = field(default_factory=dict)
-    loss: TeacherLossConfig = field(default_factory=TeacherLossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+@dataclass
+class TeacherConfig(StageConfig):
+    """Stage 1: the one-shot registration network that gives phi0 (``model`` is passed to
+    :class:`diffusereg.models.RegistrationNet` as keyword arguments)."""
+
+    loss: TeacherLossConfig = field(default_factory=TeacherLossConfig)
     cache_dtype: Literal["float16", "float32"] = "float16"  # storage type of the phi0 cache
 
 
 @dataclass
-class DiffusionConfig:
+class DiffusionConfig(StageConfig):
     """Stage 2: the denoiser (``model`` is passed to :class:`diffusereg.models.DiffuseRegDenoiser`).
 
     ``teacher`` is the output directory of stage 1 (``phi0/``, ``field_stats.json``,
     ``teacher/``), or a saved pipeline with a teacher (e.g. ``diffusereg/acdc-2d``, to fine-tune
-    the shipped model; it has no phi0 cache, so ``phi0_source: teacher``). ``phi0_source: cache`` reads phi0 from ``phi0/``; ``teacher`` runs the
-    frozen teacher on every (possibly augmented) batch instead, which augmentation requires.
+    the shipped model; it has no phi0 cache, so ``phi0_source: teacher``). ``phi0_source:
+    cache`` reads phi0 from ``phi0/``; ``teacher`` runs the frozen teacher on every (possibly
+    augmented) batch instead, which augmentation requires.
     ``init_weights`` (a pipeline name such as ``diffusereg/acdc-2d``, a Hub id or a folder)
     starts from that pipeline's denoiser instead of fresh weights (fine-tuning); its
     architecture comes with it, so ``model`` must then stay empty, and its field statistics
     must be the teacher's.
     """
 
-    data: DataConfig = field(default_factory=DataConfig)
-    model: dict[str, Any] = field(default_factory=dict)
     loss: DiffusionLossConfig = field(default_factory=DiffusionLossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: LoopConfig = field(default_factory=LoopConfig)
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
-    teacher: str = "runs/teacher_2d"
+    teacher: str | None = None  # required (the config or --teacher)
     phi0_source: Literal["cache", "teacher"] = "cache"
     init_weights: str | None = None
 

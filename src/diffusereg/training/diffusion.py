@@ -9,6 +9,7 @@ Output directory::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from torch.utils.data import Dataset
 
 from diffusereg.hub import resolve_model
 from diffusereg.models import DiffuseRegDenoiser, RegistrationNet
-from diffusereg.pipelines import DiffuseRegPipeline, default_scheduler
+from diffusereg.pipelines import DiffuseRegPipeline
+from diffusereg.schedulers import default_scheduler
 from diffusereg.training.config import ConfigError, DiffusionConfig
 from diffusereg.training.data import FieldStatistics, Phi0Cache, WithPhi0, build_dataset
 from diffusereg.training.objective import diffusion_loss
@@ -28,15 +30,38 @@ from diffusereg.training.trainer import Stage, Trainer
 __all__ = ["DiffusionStage", "train_diffusion"]
 
 
-def _teacher_folders(teacher: str) -> tuple[Path, Path, bool]:
-    """``(folder of field_stats.json, folder of the RegistrationNet, has a phi0 cache)`` of a ``teacher`` setting:
-    a stage-1 output directory (``field_stats.json``, ``teacher/``, ``phi0/``), or a saved
-    pipeline with a teacher (a folder, or a bundled name such as ``diffusereg/acdc-2d``), whose
-    ``teacher/`` holds both the network and its ``field_stats.json``."""
+@dataclass(frozen=True)
+class TeacherSource:
+    """Where the diffusion stage's teacher comes from.
+
+    Attributes:
+        weights: folder of the :class:`~diffusereg.models.RegistrationNet`.
+        mean, std: per-axis statistics (voxels) of its fields, which z-score phi0.
+        spatial_dims: 2 or 3.
+        cache: its fields of the training pairs (a stage-1 output), or None (a saved pipeline).
+    """
+
+    weights: Path
+    mean: list[float]
+    std: list[float]
+    spatial_dims: int
+    cache: Phi0Cache | None
+
+
+def teacher_source(teacher: str) -> TeacherSource:
+    """A ``teacher`` setting: a stage-1 output directory (``field_stats.json``, ``teacher/``,
+    ``phi0/``), or a saved pipeline with a teacher component (a folder, or a bundled name such as
+    ``diffusereg/acdc-2d``), whose field statistics are its denoiser's."""
     folder = Path(resolve_model(teacher))
     if (folder / "model_index.json").is_file():
-        return folder / "teacher", folder / "teacher", False
-    return folder, folder / "teacher", True
+        if not (folder / "teacher" / "config.json").is_file():
+            raise ConfigError(f"teacher {teacher}: the pipeline in {folder} has no teacher component")
+        config = DiffuseRegDenoiser.load_config(folder / "denoiser")
+        return TeacherSource(folder / "teacher", list(config["field_mean"]), list(config["field_std"]),
+                             int(config["spatial_dims"]), None)
+    statistics = FieldStatistics.load(folder / "field_stats.json")
+    return TeacherSource(folder / "teacher", statistics.mean, statistics.std, statistics.spatial_dims,
+                         Phi0Cache(folder / "phi0", statistics.cache_dtype))
 
 
 class DiffusionStage(Stage):
@@ -50,13 +75,15 @@ class DiffusionStage(Stage):
 
     def __init__(self, config: DiffusionConfig) -> None:
         super().__init__(config)
-        self.teacher_dir, self.teacher_weights, has_cache = _teacher_folders(config.teacher)
-        if not has_cache and config.phi0_source == "cache":
+        if config.teacher is None:
+            raise ConfigError("teacher is not set: name a stage-1 output folder or a pipeline with a teacher "
+                              "(in the config, or --teacher)")
+        self.source = teacher_source(config.teacher)
+        if self.source.cache is None and config.phi0_source == "cache":
             raise ConfigError(f"teacher {config.teacher} is a saved pipeline, which has no phi0 cache: "
                               "set phi0_source: teacher")
-        self.statistics = FieldStatistics.load(self.teacher_dir / "field_stats.json")
-        if self.statistics.spatial_dims != config.data.spatial_dims:
-            raise ValueError(f"the teacher in {self.teacher_dir} is {self.statistics.spatial_dims}D "
+        if self.source.spatial_dims != config.data.spatial_dims:
+            raise ValueError(f"the teacher {config.teacher} is {self.source.spatial_dims}D "
                              f"but data.spatial_dims is {config.data.spatial_dims}")
         self.scheduler = default_scheduler("ddpm")  # add_noise and alphas_cumprod of the paper's schedule
         self.teacher: RegistrationNet | None = None
@@ -64,8 +91,8 @@ class DiffusionStage(Stage):
     def build_model(self) -> nn.Module:
         """A fresh denoiser, or the one of ``init_weights`` (float32) after checking that it fits."""
         if self.config.init_weights is None:
-            model = DiffuseRegDenoiser(spatial_dims=self.config.data.spatial_dims, field_mean=self.statistics.mean,
-                                       field_std=self.statistics.std, **self.config.model)
+            model = DiffuseRegDenoiser(spatial_dims=self.config.data.spatial_dims, field_mean=self.source.mean,
+                                       field_std=self.source.std, **self.config.model)
         else:
             model = DiffuseRegDenoiser.from_pretrained(resolve_model(self.config.init_weights),
                                                        subfolder="denoiser").to(torch.float32)
@@ -78,23 +105,28 @@ class DiffusionStage(Stage):
         if config.spatial_dims != self.config.data.spatial_dims:
             raise ValueError(f"init_weights {source} is a {config.spatial_dims}D denoiser "
                              f"but data.spatial_dims is {self.config.data.spatial_dims}")
-        for name, ours in (("field_mean", self.statistics.mean), ("field_std", self.statistics.std)):
+        for name, ours in (("field_mean", self.source.mean), ("field_std", self.source.std)):
             theirs = getattr(config, name)
             if not torch.allclose(torch.tensor(theirs, dtype=torch.float64), torch.tensor(ours, dtype=torch.float64),
                                   rtol=1e-4, atol=1e-6):
                 raise ValueError(f"init_weights {source} was trained on fields with {name} {theirs}, but the "
-                                 f"teacher in {self.teacher_dir} gives {ours}: fine-tune with the teacher it learnt from")
+                                 f"teacher {self.config.teacher} gives {ours}: fine-tune with the teacher it learnt from")
 
     def train_dataset(self) -> Dataset:
         dataset = build_dataset(self.config.data, "train")
         if self.config.phi0_source == "teacher":
             return dataset
-        return WithPhi0(dataset, Phi0Cache(self.teacher_dir / "phi0", self.statistics.cache_dtype))
+        return WithPhi0(dataset, self.source.cache)
 
     def setup(self, accelerator: Accelerator) -> None:
         if self.config.phi0_source == "teacher":
-            self.teacher = RegistrationNet.from_pretrained(self.teacher_weights).to(accelerator.device).eval()
-            self.teacher.requires_grad_(False)
+            self.teacher = self.frozen_teacher().to(accelerator.device)
+
+    def frozen_teacher(self) -> RegistrationNet:
+        """The teacher network, in eval mode, without gradients."""
+        teacher = RegistrationNet.from_pretrained(self.source.weights).eval()
+        teacher.requires_grad_(False)
+        return teacher
 
     def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Tensor]:
         if self.teacher is not None:
@@ -105,7 +137,7 @@ class DiffusionStage(Stage):
         loss = self.config.loss
         return diffusion_loss(
             model, self.scheduler, batch["fixed"], batch["moving"], phi0,
-            self.statistics.mean, self.statistics.std, generator=generator,
+            self.source.mean, self.source.std, generator=generator,
             similarity_weight=loss.similarity_weight, smoothness_weight=loss.smoothness_weight,
             ssim_window=loss.ssim_window, prediction_type=self.prediction_type,
         ).parts()
@@ -117,13 +149,17 @@ class DiffusionStage(Stage):
         return pipe(fixed, moving, num_inference_steps=self.config.validation.num_inference_steps,
                     generator=generator).field
 
-    def pipeline(self, model: nn.Module) -> DiffuseRegPipeline:
-        """``model`` with a DDIM scheduler, on the model grid (spacing, size) of the training data."""
-        return DiffuseRegPipeline(denoiser=model, scheduler=default_scheduler("ddim"),
-                                  model_spacing=self.config.data.spacing, model_size=self.config.data.size)
+    def pipeline(self, model: nn.Module, teacher: RegistrationNet | None = None) -> DiffuseRegPipeline:
+        """``model`` with a DDIM scheduler (and ``teacher``), on the model grid (spacing, size) of
+        the training data."""
+        return DiffuseRegPipeline(denoiser=model, scheduler=default_scheduler("ddim", model.config.prediction_type),
+                                  teacher=teacher, model_spacing=self.config.data.spacing,
+                                  model_size=self.config.data.size)
 
     def export(self, model: nn.Module, train_dataset: Dataset, output_dir: Path) -> None:
-        self.pipeline(model).save_pretrained(output_dir / "pipeline", safe_serialization=True)
+        """The pipeline, with the teacher as its component (a one-shot baseline and a start)."""
+        teacher = self.frozen_teacher().to(next(model.parameters()).device)
+        self.pipeline(model, teacher).save_pretrained(output_dir / "pipeline", safe_serialization=True)
 
 
 def train_diffusion(config: DiffusionConfig, resume: bool = False, until_step: int | None = None) -> dict[str, float]:

@@ -20,7 +20,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor, nn
 
 from diffusereg.losses import dice_loss, gradient_loss, ncc_loss, ssim_loss
-from diffusereg.models import clean_and_noise, prediction_target
+from diffusereg.schedulers import clean_and_noise, prediction_target
 from diffusereg.spatial import warp
 
 __all__ = ["DiffusionLoss", "RegistrationLoss", "diffusion_loss", "registration_loss", "zscore_statistics"]
@@ -93,7 +93,7 @@ def diffusion_loss(
     (``phi_t = sqrt(a_t) phi0 + sqrt(1 - a_t) eps``), the denoiser predicts ``eps_hat`` (or, per
     ``prediction_type``, the clean field or the velocity; the first term is then the
     MSE of that prediction), and ``phi0_hat = (phi_t - sqrt(1 - a_t) eps_hat) / sqrt(a_t)``
-    (:func:`~diffusereg.models.clean_and_noise`) is de-normalised to voxels (``x * std + mean``)
+    (:func:`~diffusereg.schedulers.clean_and_noise`) is de-normalised to voxels (``x * std + mean``)
     before warping and before the smoothness penalty.
 
     Args:

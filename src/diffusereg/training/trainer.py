@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from diffusereg.metrics import ACDC_STRUCTURES, acdc_dice, jacobian_std, njd_percent
 from diffusereg.spatial import warp
 from diffusereg.training.checkpoint import TrainingProgress, latest_checkpoint, save_checkpoint
-from diffusereg.training.config import DiffusionConfig, OptimConfig, TeacherConfig, config_to_dict
+from diffusereg.training.config import ConfigError, DiffusionConfig, OptimConfig, TeacherConfig, config_to_dict
 from diffusereg.training.data import augment_batch, build_augmentation, build_dataset, case_names
 
 __all__ = ["VALIDATION_COLUMNS", "Stage", "Trainer", "cosine_schedule", "resolve_mixed_precision", "step_seed"]
@@ -75,6 +75,11 @@ class Stage(ABC):
     @abstractmethod
     def train_dataset(self) -> Dataset:
         """The training pairs (items as in :mod:`diffusereg.training.data`)."""
+
+    def val_dataset(self) -> Dataset | None:
+        """The validation pairs, or None for no validation: by default those ``config.data``
+        names (the first ``validation.max_pairs``)."""
+        return build_dataset(self.config.data, "val", self.config.validation.max_pairs)
 
     def setup(self, accelerator: Accelerator) -> None:
         """Move auxiliary state (e.g. a frozen teacher) to ``accelerator.device``."""
@@ -159,6 +164,8 @@ class Trainer:
         config = stage.config
         self.stage = stage
         self.config = config
+        if config.train.output_dir is None:
+            raise ConfigError("train.output_dir is not set: set it in the config or pass --output")
         self.output_dir = Path(config.train.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         found = latest_checkpoint(self.checkpoint_dir)
@@ -176,7 +183,7 @@ class Trainer:
         model = stage.build_model()
         set_seed(config.train.seed, device_specific=True)
         self.train_dataset = stage.train_dataset()
-        self.val_dataset = build_dataset(config.data, "val", config.validation.max_pairs)
+        self.val_dataset = stage.val_dataset()
         loader = DataLoader(self.train_dataset, batch_size=config.data.batch_size, shuffle=True,
                             num_workers=config.data.num_workers, persistent_workers=config.data.num_workers > 0)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)

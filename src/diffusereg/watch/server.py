@@ -33,7 +33,8 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from diffusereg.registration import GuidanceSpec, RegistrationError
+from diffusereg.guidance import GuidanceSpec
+from diffusereg.registration import RegistrationError
 from diffusereg.watch.session import WatchSession
 
 __all__ = ["MAX_UPLOAD_BYTES", "WatchServer", "is_loopback"]

@@ -2,7 +2,7 @@
 
 This is the engine of ``diffusereg watch``, with no web code. A :class:`WatchSession` holds one
 case (fixed and moving image, optional label maps) brought to the model grid once.
-:meth:`~WatchSession.start` runs :func:`~diffusereg.registration.register_pair` in a thread with
+:meth:`~WatchSession.start` runs :func:`~diffusereg.registration.register_checked` in a thread with
 a per-step callback that publishes a :class:`StepState` after every sampling step;
 :meth:`~WatchSession.stop` makes the pipeline stop after the current step (the outputs are then
 that step's result); :meth:`~WatchSession.steer` replaces the guidance from the next step on
@@ -30,22 +30,15 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
-from diffusereg.data import ACDC_LABELS, PairFiles, PreprocessedPair
-from diffusereg.guidance import Guide
-from diffusereg.io import read_image
-from diffusereg.metrics import njd_percent, structure_dice
+from diffusereg.data import PairFiles
+from diffusereg.guidance import Guide, GuidanceSpec, build_guides
+from diffusereg.metrics import ACDC_LABELS, njd_percent, structure_dice
 from diffusereg.phantom import write_phantom
-from diffusereg.registration import (
-    GuidanceSpec,
-    RegistrationError,
-    RegistrationSettings,
-    build_guides,
-    check_request,
-    register_pair,
-    shown_slice,
-)
-from diffusereg.spatial import jacobian_determinant, voxel_to_mm, warp
-from diffusereg.validation import check_pair
+from diffusereg.pipelines.layout import ModelGridBatch
+from diffusereg.registration import (CheckedInputs, RegistrationError, RegistrationSettings, check_request, read_inputs,
+                                     register_checked)
+from diffusereg.spatial import jacobian_determinant, voxel_to_mm, warp, warp_labels
+from diffusereg.visualize import shown_slice
 from diffusereg.watch.frames import slice_pictures
 
 if TYPE_CHECKING:
@@ -62,7 +55,6 @@ UPLOAD_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".mha", ".nrrd")
 MAX_SAMPLES = 32
 """Most samples per registration (each one costs the memory and time of a registration)."""
 
-_ROLES = ("fixed", "moving", "fixed_labels", "moving_labels")
 _ACDC_NAMES = {value: name for name, value in ACDC_LABELS.items()}
 
 
@@ -98,40 +90,47 @@ def _as_slices(array: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _ModelCase:
-    """A case and its pair on the model grid; ``spatial_dims`` is the model's (a 2D model
-    registers the slices of a volume as one batch)."""
+    """A case as files and as checked inputs on the model grid."""
 
     files: PairFiles
-    pair: PreprocessedPair
-    spatial_dims: int
+    inputs: CheckedInputs
 
-    def batch(self, array: np.ndarray) -> torch.Tensor:
-        """A model-grid array laid out as the pipeline samples it: ``(B, 1, *S)``."""
-        return torch.from_numpy(np.ascontiguousarray(array)).reshape(-1, 1, *array.shape[-self.spatial_dims:])
+    @property
+    def batch(self) -> ModelGridBatch:
+        return self.inputs.batch
+
+    def images(self, kind: str) -> np.ndarray:
+        """``fixed``, ``moving`` or ``fixed_labels`` on the model grid as ``(D, H, W)`` slices."""
+        if kind == "fixed_labels":
+            return _as_slices(self.inputs.model_labels[0])
+        return _as_slices(self.batch.to_output(getattr(self.batch, kind), is_field=False).numpy())
 
     @property
     def labels(self) -> list[int]:
-        """Label values (not 0) in both label maps on the model grid; empty without labels."""
-        if self.pair.fixed_labels is None:
+        """Label values (not 0) in both label maps on the model grid; empty without both."""
+        if self.inputs.model_labels is None:
             return []
-        common = set(np.unique(self.pair.fixed_labels)) & set(np.unique(self.pair.moving_labels))
+        common = set(np.unique(self.inputs.model_labels[0])) & set(np.unique(self.inputs.model_labels[1]))
         return sorted(int(value) for value in common - {0})
 
-    def measure(self, step: int, x0: torch.Tensor, num_samples: int) -> StepState:
-        """The :class:`StepState` of a clean-field estimate ``x0`` ``(B * num_samples, ndim, *S)``
-        (voxels, the pipeline's batch layout)."""
-        samples = x0.detach().float().cpu().reshape(-1, num_samples, *x0.shape[1:])
-        field = samples.mean(dim=1)
-        metrics: dict[str, Any] = {"NJD_percent": float(np.mean([njd_percent(item) for item in field]))}
-        if self.pair.fixed_labels is not None:
-            warped_labels = warp(self.batch(self.pair.moving_labels), field, mode="nearest").numpy()
-            metrics["dice"] = structure_dice(_as_slices(warped_labels), _as_slices(self.pair.fixed_labels))
+    def measure(self, step: int, x0: torch.Tensor) -> StepState:
+        """The :class:`StepState` of the clean-field estimates ``x0`` ``(num_samples, *field)`` of a
+        step (voxels, the call's output layout on the model grid)."""
+        samples = x0.detach().float().cpu()
+        field = samples.mean(dim=0)[None]  # (1, ndim, *S): a volume's field is (3, D, H, W)
+        metrics: dict[str, Any] = {"NJD_percent": njd_percent(field)}
+        if self.inputs.model_labels is not None:
+            fixed_labels, moving_labels = (torch.from_numpy(np.ascontiguousarray(m))[None, None]
+                                           for m in self.inputs.model_labels)
+            metrics["dice"] = structure_dice(_as_slices(warp_labels(moving_labels, field).numpy()),
+                                             _as_slices(fixed_labels.numpy()))
         uncertainty = None
-        if num_samples > 1:
-            spacing = self.pair.grid.model.axis_spacing[-self.spatial_dims:]
-            uncertainty = _as_slices(voxel_to_mm(samples.std(dim=1), spacing).norm(dim=1).numpy())
-        in_plane = field[0, 1:].transpose(0, 1) if self.spatial_dims == 3 else field
-        return StepState(step, _as_slices(warp(self.batch(self.pair.moving), field).numpy()), in_plane.numpy(),
+        if samples.shape[0] > 1:
+            spacing = self.batch.images.grid.model.axis_spacing[-(field.shape[1]):]
+            uncertainty = _as_slices(voxel_to_mm(samples.std(dim=0)[None], spacing).norm(dim=1).numpy())
+        moving = self.batch.to_output(self.batch.moving, is_field=False)[None, None]
+        in_plane = field[0, 1:].transpose(0, 1) if field.shape[1] == 3 else field
+        return StepState(step, _as_slices(warp(moving, field).numpy()), in_plane.numpy(),
                          _as_slices(jacobian_determinant(field, method="central").numpy()), uncertainty, metrics)
 
 
@@ -153,7 +152,13 @@ class LiveGuidance(Guide):
         self._lock = threading.Lock()
         self._specs = tuple(specs)
         self._guides: list[Guide] = []
+        self._batch: tuple[ModelGridBatch, int] | None = None
         self.history: list[tuple[int, tuple[GuidanceSpec, ...]]] = []
+
+    def bind(self, batch: ModelGridBatch, num_samples: int) -> LiveGuidance:
+        """Remember the call's batch: the guides built from the specs are bound to it."""
+        self._batch = (batch, num_samples)
+        return self
 
     def set(self, specs: Sequence[GuidanceSpec]) -> None:
         """Use ``specs`` from the next step on (callable from any thread)."""
@@ -165,7 +170,7 @@ class LiveGuidance(Guide):
             specs = self._specs
         if not self.history or self.history[-1][1] != specs:
             self.history.append((step, specs))
-            self._guides = build_guides(specs, self._labels)
+            self._guides = [guide.bind(*self._batch) for guide in build_guides(specs, self._labels)]
         return bool(self._guides)
 
     def loss(self, field: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
@@ -234,22 +239,17 @@ class WatchSession:
         """
         with self._changed:
             self._check_idle()
-        check_request(files.fixed, files.moving, self.output_dir, RegistrationSettings(), files.fixed_labels,
-                      files.moving_labels)
-        paths = dict(zip(_ROLES, (files.fixed, files.moving, files.fixed_labels, files.moving_labels)))
-        fixed, moving, fixed_labels, moving_labels = (None if path is None else read_image(path)
-                                                      for path in paths.values())
-        check_pair(fixed, moving, self.pipe.spatial_dims, self.pipe.preprocessing, fixed_labels=fixed_labels,
-                   moving_labels=moving_labels, names={role: path.name for role, path in paths.items() if path})
-        case = _ModelCase(files, self.pipe.preprocessing(fixed, moving, fixed_labels, moving_labels),
-                          self.pipe.spatial_dims)
-        fixed_batch = case.batch(case.pair.fixed)
-        before = case.measure(0, torch.zeros(fixed_batch.shape[0], case.spatial_dims, *fixed_batch.shape[2:]), 1)
+        inputs = read_inputs(self.pipe, check_request(files.fixed, files.moving, self.output_dir, RegistrationSettings(),
+                                                      files.fixed_labels, files.moving_labels))
+        case = _ModelCase(files, inputs)
+        before = case.measure(0, torch.zeros(1, *inputs.batch.to_output(
+            torch.zeros(inputs.batch.size, self.pipe.spatial_dims, *inputs.batch.fixed.shape[2:]), is_field=True).shape))
         with self._changed:
             self._check_idle()
             self._case, self._before, self._state, self._result, self._status, self._message = (
                 case, before, before, None, IDLE, "")
-            self._slice = shown_slice(case.pair.grid, case.pair.fixed_labels)
+            self._slice = shown_slice(inputs.batch.images.grid, None if inputs.model_labels is None
+                                      else inputs.model_labels[0])
             self._guidance = tuple(s for s in self._guidance if s.kind != "organ" or s.label in case.labels)
             self._changed_now()
 
@@ -300,9 +300,7 @@ class WatchSession:
                 raise RegistrationError(f"steps must be between 1 and {most_steps}, got {settings.steps}")
             if not 1 <= settings.samples <= MAX_SAMPLES:
                 raise RegistrationError(f"samples must be between 1 and {MAX_SAMPLES}, got {settings.samples}")
-            pair = self._case.pair
-            labels = None if pair.fixed_labels is None else (pair.fixed_labels, pair.moving_labels)
-            self._settings, self._live = settings, LiveGuidance(self._guidance, labels)
+            self._settings, self._live = settings, LiveGuidance(self._guidance, self._case.inputs.model_labels)
             self._status, self._message, self._result, self._state = RUNNING, "", None, self._before
             self._stop_requested.clear()
             self._thread = threading.Thread(target=self._run, args=(self._case, settings, self._live),
@@ -312,11 +310,9 @@ class WatchSession:
 
     def _run(self, case: _ModelCase, settings: RegistrationSettings, live: LiveGuidance) -> None:
         """The registration thread: register, write the outputs, record how it ended."""
-        files = case.files
         try:
-            metrics = register_pair(self.pipe, files.fixed, files.moving, self.output_dir, settings, files.fixed_labels,
-                                    files.moving_labels, model_name=self.model_name,
-                                    callback_on_step_end=self._on_step, guides=[live])
+            metrics = register_checked(self.pipe, case.inputs, settings, model_name=self.model_name,
+                                       callbacks=[self._on_step], guides=[live])
         except (ValueError, OSError) as error:  # bad input or settings: shown on the page
             self._finish(FAILED, " ".join(str(error).split()), None)
         except BaseException as error:  # a bug: shown on the page, and its traceback on the console
@@ -328,7 +324,7 @@ class WatchSession:
     def _on_step(self, pipe: DiffuseRegPipeline, step: int, timestep: int,
                  callback_kwargs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The pipeline's per-step callback: publish the step, stop sampling if asked to."""
-        state = self._case.measure(step + 1, callback_kwargs["x0"], self._settings.samples)
+        state = self._case.measure(step + 1, callback_kwargs["x0"])
         with self._changed:
             self._state = state
             self._changed_now()
@@ -372,7 +368,7 @@ class WatchSession:
     def view(self, index: int) -> None:
         """Show slice ``index`` (along ``D`` of the model grid) in the pictures."""
         with self._changed:
-            slices = 0 if self._case is None else _as_slices(self._case.pair.fixed).shape[0]
+            slices = 0 if self._case is None else self._case.images("fixed").shape[0]
             if not 0 <= index < slices:
                 raise RegistrationError(f"slice {index} is not in 0 .. {slices - 1}")
             self._slice = index
@@ -426,7 +422,7 @@ class WatchSession:
             "settings": {"steps": settings.steps, "seed": settings.seed, "samples": settings.samples},
             "guidance": [str(spec) for spec in guidance],
             "step": None if state is None else state.step,
-            "slice": index, "slices": 0 if case is None else _as_slices(case.pair.fixed).shape[0],
+            "slice": index, "slices": 0 if case is None else case.images("fixed").shape[0],
             "metrics": None if state is None else state.metrics,
             "metrics_before": None if before is None else before.metrics,
             "uncertainty_max_mm": None if state is None or state.uncertainty is None else _uncertainty_max(state),
@@ -440,7 +436,7 @@ class WatchSession:
         """PNG data URLs of the pictures of slice ``index`` at ``state``."""
         uncertainty = None if state.uncertainty is None else state.uncertainty[index]
         pictures = slice_pictures(
-            _as_slices(case.pair.fixed)[index], _as_slices(case.pair.moving)[index], state.warped[index],
+            case.images("fixed")[index], case.images("moving")[index], state.warped[index],
             state.field[index], state.jacobian[index], uncertainty,
             uncertainty_max=1.0 if uncertainty is None else _uncertainty_max(state))
         return {name: "data:image/png;base64," + base64.b64encode(png).decode("ascii")
@@ -476,7 +472,7 @@ def _named_labels(values: list[int]) -> list[dict[str, Any]]:
 
 def _describe_inputs(case: _ModelCase) -> dict[str, Any]:
     """File names of the case and the model grid it is registered on."""
-    files, model = case.files, case.pair.grid.model
+    files, model = case.files, case.batch.images.grid.model
     return {
         "fixed": files.fixed.name, "moving": files.moving.name,
         "fixed_labels": None if files.fixed_labels is None else files.fixed_labels.name,

@@ -1,0 +1,123 @@
+"""All noise arithmetic of DiffuseReg in one home: the schedule, the parametrisations, the field normaliser.
+
+- :func:`default_scheduler`: the paper's schedule (linear betas 1e-6 .. 1e-2 over 2000 steps) as a
+  diffusers ``DDIMScheduler`` or ``DDPMScheduler``, for the prediction type of a denoiser.
+- :func:`clean_and_noise` / :func:`prediction_target`: what a denoiser's output means
+  (:data:`PREDICTION_TYPES`), in both directions.
+- :class:`FieldNormalizer`: the per-axis z-scoring of displacement fields whose statistics a
+  denoiser's config carries (``field_mean``, ``field_std``).
+
+A noisy field is ``noisy = sqrt(a) x0 + sqrt(1 - a) eps`` with ``a`` the cumulative signal
+fraction ``alphas_cumprod[t]``, all in z-scored units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from torch import Tensor
+
+from diffusereg.models import PREDICTION_TYPES
+
+__all__ = ["FieldNormalizer", "clean_and_noise", "default_scheduler", "prediction_target",
+           "scheduler_of_kind"]
+
+SCHEDULER_KINDS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+
+
+
+def default_scheduler(kind: str = "ddim", prediction_type: str = "epsilon") -> DDIMScheduler | DDPMScheduler:
+    """The paper's noise schedule: linear betas 1e-6 .. 1e-2 over 2000 steps, no sample clipping
+    (fields are z-scored, not bounded).
+
+    Args:
+        kind: ``"ddim"`` (deterministic, "trailing" spacing so that one step starts from the
+            noisiest timestep) or ``"ddpm"`` (ancestral sampling).
+        prediction_type: what the denoiser the scheduler works with predicts (its config's
+            ``prediction_type``); the pipeline hands the scheduler that quantity.
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    common = dict(num_train_timesteps=2000, beta_start=1e-6, beta_end=1e-2, beta_schedule="linear",
+                  prediction_type=prediction_type, timestep_spacing="trailing", clip_sample=False)
+    if kind == "ddim":
+        return DDIMScheduler(**common, set_alpha_to_one=True)
+    if kind == "ddpm":
+        return DDPMScheduler(**common, variance_type="fixed_small")
+    raise ValueError(f"scheduler must be 'ddim' or 'ddpm', got {kind!r}")
+
+
+def scheduler_of_kind(scheduler: DDIMScheduler | DDPMScheduler, kind: str) -> DDIMScheduler | DDPMScheduler:
+    """``scheduler`` itself if it is of ``kind`` (``"ddim"`` or ``"ddpm"``), else a scheduler of
+    that kind built from its config (same schedule, same prediction type)."""
+    if kind not in SCHEDULER_KINDS:
+        raise ValueError(f"scheduler must be 'ddim' or 'ddpm', got {kind!r}")
+    wanted = SCHEDULER_KINDS[kind]
+    return scheduler if isinstance(scheduler, wanted) else wanted.from_config(scheduler.config)
+
+
+def clean_and_noise(prediction: Tensor, noisy: Tensor, alpha_bar: Tensor, prediction_type: str) -> tuple[Tensor, Tensor]:
+    """Clean-field and noise estimates from a denoiser's output.
+
+    Args:
+        prediction: the denoiser's output ``(B, ndim, *S)``.
+        noisy: the field it was given, same shape (z-scored).
+        alpha_bar: ``a`` at the timestep, broadcastable to the field.
+        prediction_type: one of :data:`PREDICTION_TYPES`.
+
+    Returns:
+        ``(x0, eps)``, both z-scored like ``noisy``.
+    """
+    signal, spread = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    if prediction_type == "epsilon":
+        return (noisy - spread * prediction) / signal, prediction
+    if prediction_type == "sample":
+        return prediction, (noisy - signal * prediction) / spread
+    if prediction_type == "v_prediction":
+        return signal * noisy - spread * prediction, spread * noisy + signal * prediction
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def prediction_target(clean: Tensor, noise: Tensor, alpha_bar: Tensor, prediction_type: str) -> Tensor:
+    """What a denoiser of ``prediction_type`` outputs for ``noisy = sqrt(a) clean + sqrt(1 - a) noise``
+    (the inverse of :func:`clean_and_noise`); all tensors z-scored, ``alpha_bar`` broadcastable."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "sample":
+        return clean
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * clean
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+@dataclass(frozen=True)
+class FieldNormalizer:
+    """Per-axis z-scoring of displacement fields ``(B, ndim, *S)``: ``z = (u - mean) / std``.
+
+    Attributes:
+        mean, std: one value per field channel, voxels (array-axis order).
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> FieldNormalizer:
+        """The statistics a denoiser's config carries (``field_mean``, ``field_std``)."""
+        return cls(tuple(config["field_mean"]), tuple(config["field_std"]))
+
+    def _shaped(self, values: Sequence[float], like: Tensor) -> Tensor:
+        shape = (1, len(values)) + (1,) * (like.ndim - 2)
+        return torch.tensor(values, dtype=like.dtype, device=like.device).reshape(shape)
+
+    def normalize(self, field: Tensor) -> Tensor:
+        """Voxels -> z-scored units."""
+        return (field - self._shaped(self.mean, field)) / self._shaped(self.std, field)
+
+    def denormalize(self, field: Tensor) -> Tensor:
+        """z-scored units -> voxels."""
+        return field * self._shaped(self.std, field) + self._shaped(self.mean, field)
