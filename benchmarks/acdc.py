@@ -7,14 +7,18 @@ Run (from the repository root, ACDC beside the checkout):
 
 Methods (each on every case of the split, paper protocol, see ``diffusereg.evaluation``):
 identity; ANTs SyN (``antspyx``, ``pip install -e ".[baselines]"``; skipped with a message when
-absent); the teacher network bundled with the model (``<model>/teacher``); diffusereg with DDIM at
-1, 5, 10 and 50 steps, with and without the ``EarlyStopping`` callback; DDPM over the full 2000
-steps on the first ``--ddpm-cases`` cases; optionally DDIM started from the teacher's field
-(``--refine-strengths``, the pipeline's ``init_field``/``strength``).
+absent); the model's teacher component one-shot and applied K times recursively (``--teacher-passes``:
+warp the moving image by the field so far, register again, compose); diffusereg with DDIM at
+``--ddim-steps``, with and without the ``EarlyStopping`` callback; optionally other models
+(``--baseline-models``, e.g. the paper-recipe ``diffusereg/acdc-2d-paper``) at the same steps,
+DDPM over the full 2000 steps on the first ``--ddpm-cases`` cases, and DDIM started from the
+teacher's field (``--refine-strengths``).
 
 Writes ``cases.csv``, ``summary.json`` and ``summary.md`` to ``--output`` and prints the table,
 with, for each diffusion method, the ratio of its sampling time to (steps run x one denoiser
-forward on the same batch) and the peak resident memory of the process.
+forward on the same batch) and the peak resident memory of the process; with ``--curve-steps
+K`` also the Overall Dice after each of K DDIM steps, averaged over the cases (``curve.json``,
+``curve.png``).
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffusereg.callbacks import EarlyStopping
+from diffusereg.callbacks import EarlyStopping, TrajectoryRecorder
 from diffusereg.data import ACDCDataset
 from diffusereg.evaluation import (RegistrationResult, Registrar, evaluate, identity_registrar, pipeline_registrar,
-                                   summary_markdown, teacher_registrar, write_evaluation)
+                                   score_case, summary_markdown, teacher_registrar, write_evaluation)
+from diffusereg.io import write_atomically
 from diffusereg.pipelines import DiffuseRegPipeline
 from diffusereg.schedulers import scheduler_of_kind
 
@@ -84,6 +89,37 @@ def denoiser_forward_seconds(pipe: DiffuseRegPipeline, fixed: np.ndarray, moving
     return min(times)
 
 
+def dice_curve(pipe: DiffuseRegPipeline, dataset: ACDCDataset, steps: int, seed: int, output: Path) -> dict[str, Any]:
+    """Overall Dice (and NJD %) of the clean-field estimate after each of ``steps`` DDIM steps, per
+    case and averaged over the cases; writes ``curve.png`` into ``output`` and returns the numbers."""
+    per_case = []
+    for index, name in enumerate(dataset.names):
+        pair = dataset.preprocessed(index)
+        recorder = TrajectoryRecorder()
+        pipe(pair.fixed, pair.moving, num_inference_steps=steps, callback_on_step_end=recorder,
+             generator=torch.Generator().manual_seed(seed))
+        per_case.append([score_case(pair, RegistrationResult(field[0].numpy()), name, "", 0.0)
+                         for field in recorder.fields])
+    curve = {"steps": list(range(1, steps + 1)),
+             "Overall": [float(np.mean([case[k]["Overall"] for case in per_case])) for k in range(steps)],
+             "NJD_percent": [float(np.mean([case[k]["NJD_percent"] for case in per_case])) for k in range(steps)],
+             "per_case_Overall": {name: [row["Overall"] for row in case] for name, case in zip(dataset.names, per_case)}}
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.5, 3.4), layout="tight")
+    ax = figure.subplots()
+    for name, values in curve["per_case_Overall"].items():
+        ax.plot(curve["steps"], values, color="0.75", linewidth=0.8)
+    ax.plot(curve["steps"], curve["Overall"], color="tab:blue", linewidth=2, marker="o", label="mean over cases")
+    ax.set_xlabel(f"DDIM step (of {steps})")
+    ax.set_ylabel("Overall Dice (%)")
+    ax.set_title(f"{len(dataset.names)} ACDC cases: Dice after each step")
+    ax.legend(loc="lower right")
+    output.mkdir(parents=True, exist_ok=True)
+    write_atomically(output / "curve.png", lambda temporary: figure.savefig(temporary, format="png", dpi=120))
+    return curve
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far, MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -96,12 +132,17 @@ def main() -> None:
     parser.add_argument("--patients", type=int, nargs="+", help="only these patient numbers")
     parser.add_argument("--model", default="diffusereg/acdc-2d")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/acdc_val"))
-    parser.add_argument("--ddim-steps", type=int, nargs="+", default=[1, 5, 10, 50])
+    parser.add_argument("--ddim-steps", type=int, nargs="+", default=[1, 3, 5, 10])
     parser.add_argument("--early-stopping", type=float, default=0.02, help="EarlyStopping tolerance (voxels)")
+    parser.add_argument("--teacher-passes", type=int, nargs="*", default=[1, 2, 3, 4],
+                        help="rows of the teacher applied this many times recursively (1: one-shot)")
+    parser.add_argument("--baseline-models", nargs="*", default=[], help="other pipelines, at --baseline-steps")
+    parser.add_argument("--baseline-steps", type=int, nargs="*", default=[1, 10])
+    parser.add_argument("--curve-steps", type=int, default=0, help="record Overall Dice after each of K DDIM steps")
     parser.add_argument("--refine-strengths", type=float, nargs="*", default=[],
                         help="also start DDIM (--refine-steps) from the teacher's field at these strengths")
     parser.add_argument("--refine-steps", type=int, default=10)
-    parser.add_argument("--ddpm-cases", type=int, default=2, help="cases for the full-length DDPM run (0: skip)")
+    parser.add_argument("--ddpm-cases", type=int, default=0, help="cases for the full-length DDPM run (0: skip)")
     parser.add_argument("--skip", nargs="*", default=[], help="method names to leave out (e.g. 'ANTs SyN')")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -117,7 +158,9 @@ def main() -> None:
     methods: dict[str, Registrar | None] = {"identity": identity_registrar}
     methods["ANTs SyN"] = ants_syn_registrar(spacing, args.threads) if "ANTs SyN" not in args.skip else None
     if pipe.teacher is not None:  # a model without a teacher component has no teacher rows
-        methods["teacher (one-shot)"] = teacher_registrar(pipe.teacher)
+        for passes in args.teacher_passes:
+            name = "teacher (one-shot)" if passes == 1 else f"teacher x{passes} (recursive)"
+            methods[name] = teacher_registrar(pipe.teacher, passes=passes)
         for strength in args.refine_strengths:
             methods[f"teacher + DDIM {args.refine_steps} from strength {strength:g}"] = pipeline_registrar(
                 pipe, args.refine_steps, seed=args.seed, init_field="teacher", strength=strength)
@@ -127,6 +170,11 @@ def main() -> None:
         if steps >= 5:
             methods[f"DDIM {steps} + EarlyStopping({args.early_stopping:g})"] = pipeline_registrar(
                 pipe, steps, seed=args.seed, callback_on_step_end=stopper)
+    for baseline in args.baseline_models:
+        other = DiffuseRegPipeline.from_pretrained(baseline)
+        other.set_progress_bar_config(disable=True)
+        for steps in args.baseline_steps:
+            methods[f"{baseline}: DDIM {steps}"] = pipeline_registrar(other, steps, seed=args.seed)
 
     rows: dict[str, list[dict[str, Any]]] = {}
     for name, registrar in methods.items():
@@ -149,6 +197,8 @@ def main() -> None:
                 "seed": args.seed, "threads": args.threads, "denoiser_forward_seconds": forward,
                 "sampling_time_over_steps_x_forward": overhead, "peak_rss_mib": peak_rss_mib(),
                 "torch": torch.__version__, "command": " ".join(sys.argv)}
+    if args.curve_steps > 0:
+        settings["curve"] = dice_curve(pipe, dataset, args.curve_steps, args.seed, args.output)
     summaries = write_evaluation(args.output, rows, settings)
     print(summary_markdown(summaries))
     print(f"one denoiser forward on a case's batch: {forward:.3f} s; peak RSS {peak_rss_mib():.0f} MiB")

@@ -14,11 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from diffusereg.cli import main
-from diffusereg.data import read_acdc_patient
+from diffusereg.data import ACDCDataset, read_acdc_patient
 from diffusereg.hub import bundled_model_path
 from diffusereg.io import read_grid
+from diffusereg.pipelines import DiffuseRegPipeline
+from diffusereg.schedulers import denoise
 
 pytestmark = pytest.mark.slow  # the full-size shipped model: seconds per call
 
@@ -84,3 +87,41 @@ def test_the_demo_registers_the_phantom_with_the_shipped_model(tmp_path: Path,
     assert np.isfinite(metrics["NJD_percent"])
     for name in ("warped.nii.gz", "field.h5", "trajectory.png", "trajectory.gif"):
         assert (output / name).is_file(), name
+
+
+def clean_estimate(pipe, fixed: torch.Tensor, moving: torch.Tensor, start: torch.Tensor, timestep: int) -> torch.Tensor:
+    """The shipped denoiser's clean-field estimate (voxels) when sampling holds ``start`` at
+    ``timestep``: ``start`` noised there (seeded), one denoiser call (on the moving image warped by
+    ``start``, for a refining denoiser)."""
+    alpha_bar = pipe.scheduler.alphas_cumprod[timestep]
+    noise = torch.randn(start.shape, generator=torch.Generator().manual_seed(0))
+    noisy = alpha_bar.sqrt() * pipe.normalizer.normalize(start) + (1 - alpha_bar).sqrt() * noise
+    condition = pipe.condition_for(pipe.denoiser.encode_condition(fixed, moving), moving, start)
+    denoised = denoise(pipe.denoiser, pipe.denoiser.config, noisy, torch.tensor(timestep), alpha_bar, pipe.normalizer,
+                       estimate=start, condition=condition)
+    return pipe.normalizer.denormalize(denoised.clean)
+
+
+@pytest.mark.acdc
+def test_the_denoiser_reads_the_images_at_low_noise(acdc_root: Path) -> None:
+    """The probe of a denoiser that ignores its images, at t = 600 on eight labelled slices of
+    patient 050 (the right field: the bundled teacher's): given another slice's field, the
+    estimate comes at least halfway back to the right field; given zero, it is at least half as
+    large as the right field."""
+    pipe = DiffuseRegPipeline.from_pretrained(SHIPPED)
+    dataset = ACDCDataset(acdc_root, split="val", spatial_dims=3, patients=[50], preprocessing=pipe.preprocessing)
+    pair = dataset.preprocessed(0)
+    labelled = np.flatnonzero((pair.fixed_labels > 0).any(axis=(1, 2)))
+    chosen = labelled[np.linspace(0, len(labelled) - 1, 8).round().astype(int)]
+    fixed, moving = (torch.from_numpy(x[chosen][:, None].copy()) for x in (pair.fixed, pair.moving))
+
+    def rms(field: torch.Tensor) -> float:
+        return float(field.square().sum(dim=1).mean().sqrt())
+
+    with torch.no_grad():
+        right = pipe.teacher(fixed, moving)
+        other = right.roll(1, dims=0)  # each slice given its neighbour's field
+        from_other = clean_estimate(pipe, fixed, moving, other, 600)
+        from_zero = clean_estimate(pipe, fixed, moving, torch.zeros_like(right), 600)
+    assert rms(from_other - right) <= 0.5 * rms(other - right), (rms(from_other - right), rms(other - right))
+    assert rms(from_zero) >= 0.5 * rms(right), (rms(from_zero), rms(right))

@@ -6,6 +6,7 @@ Tiny models on coarse slices (32 x 32 at 6 mm in-plane) keep the file fast on a 
 from __future__ import annotations
 
 import csv
+import math
 import json
 import os
 import socket
@@ -26,6 +27,7 @@ from diffusereg.training import (
     ConfigError,
     DataConfig,
     DiffusionConfig,
+    DiffusionLossConfig,
     DiffusionStage,
     FieldStatistics,
     LoopConfig,
@@ -38,6 +40,7 @@ from diffusereg.training import (
     diffusion_loss,
     load_config,
     registration_loss,
+    train_diffusion,
 )
 from diffusereg.cli import build_parser
 from diffusereg.training.cli import apply_overrides
@@ -280,7 +283,7 @@ def test_fine_tuning_starts_from_the_given_pipeline(diffusion_runs: ResumeRuns, 
     tuned = DiffuseRegPipeline.from_pretrained(tmp_path / "tuned" / "pipeline").denoiser.state_dict()
     assert any(not torch.equal(tuned[name], start[name]) for name in start)  # it trained
 
-    with pytest.raises(ConfigError, match="leave `model` empty"):
+    with pytest.raises(ConfigError, match="brings its own architecture"):
         DiffusionConfig(model=dict(TINY_DENOISER), init_weights=str(pretrained))
     other_stats = tmp_path / "other_teacher"
     other_stats.mkdir()
@@ -289,6 +292,30 @@ def test_fine_tuning_starts_from_the_given_pipeline(diffusion_runs: ResumeRuns, 
     config.teacher, config.train.output_dir = str(other_stats), str(tmp_path / "mismatched")
     with pytest.raises(ValueError, match="field_std"):
         Trainer(DiffusionStage(config))
+
+
+@pytest.mark.slow
+@pytest.mark.acdc
+def test_the_refine_recipe_trains_a_refining_denoiser_and_ships_its_teacher(teacher_dir: Path, acdc_root: Path,
+                                                                             tmp_path: Path) -> None:
+    """``loss.recipe: refine``: the denoiser predicts increments of its estimate; its losses are
+    logged; the exported pipeline holds the teacher and hands its scheduler the clean field."""
+    config = tiny_diffusion_config(acdc_root, teacher_dir, tmp_path / "refine", max_steps=3, batch_size=8)
+    config.model["prediction_type"] = "increment"
+    config.phi0_source = "teacher"
+    config.loss = DiffusionLossConfig(recipe="refine", target_passes=2, target_weight=1.0, target_weight_final=0.5,
+                                      zero_start=0.25, teacher_start=0.25, other_start=0.25, swap_prob=0.5)
+    row = train_diffusion(config)
+    assert {"target", "similarity", "smoothness"} <= set(row) and all(math.isfinite(row[k]) for k in ("loss", "target"))
+    pipe = DiffuseRegPipeline.from_pretrained(tmp_path / "refine" / "pipeline")
+    assert isinstance(pipe.teacher, RegistrationNet) and pipe.denoiser.config.prediction_type == "increment"
+    assert pipe.scheduler.config.prediction_type == "sample"
+    pipe.set_progress_bar_config(disable=True)
+    images = torch.rand(2, 1, 1, 32, 32)
+    out = pipe(images[0], images[1], num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    assert out.field.shape == (1, 2, 32, 32) and torch.isfinite(out.field).all()
+    with pytest.raises(ConfigError, match="set phi0_source: teacher"):
+        DiffusionConfig(loss=DiffusionLossConfig(recipe="refine"))
 
 
 @pytest.mark.slow

@@ -98,16 +98,17 @@ def pipeline_registrar(pipe: Any, num_inference_steps: int, seed: int = 0, **cal
     return register
 
 
-def teacher_registrar(model: torch.nn.Module) -> Registrar:
-    """A one-shot :class:`~diffusereg.models.RegistrationNet` as a method: a 2D network registers
-    a volume ``(D, H, W)`` slice by slice in one batch (zero displacement along ``D``), like a 2D
-    diffusion model; a 3D network takes the volume whole."""
+def teacher_registrar(model: torch.nn.Module, passes: int = 1) -> Registrar:
+    """A one-shot :class:`~diffusereg.models.RegistrationNet` as a method, applied ``passes`` times
+    recursively (:meth:`~diffusereg.models.RegistrationNet.recursive`; 1: one-shot): a 2D network
+    registers a volume ``(D, H, W)`` slice by slice in one batch (zero displacement along ``D``),
+    like a 2D diffusion model; a 3D network takes the volume whole."""
     parameter = next(model.parameters())
 
     @torch.no_grad()
     def register(fixed: np.ndarray, moving: np.ndarray) -> RegistrationResult:
         batch = ModelGridBatch.from_arrays(fixed, moving, None, model.config.spatial_dims, model.size_multiple)
-        field = model(batch.fixed.to(parameter), batch.moving.to(parameter)).float().cpu()
+        field = model.recursive(batch.fixed.to(parameter), batch.moving.to(parameter), passes).float().cpu()
         return RegistrationResult(batch.to_output(field, is_field=True).numpy())
 
     return register

@@ -33,6 +33,7 @@ PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 
 BUNDLED_MODELS: dict[str, str] = {
     "diffusereg/acdc-2d": "acdc-2d",
+    "diffusereg/acdc-2d-paper": "acdc-2d-paper",
 }
 """Short model names and their folders under :data:`PRETRAINED_DIR`."""
 

@@ -3,7 +3,9 @@
 - :func:`default_scheduler`: the paper's schedule (linear betas 1e-6 .. 1e-2 over 2000 steps) as a
   diffusers ``DDIMScheduler`` or ``DDPMScheduler``, for the prediction type of a denoiser.
 - :func:`clean_and_noise` / :func:`prediction_target`: what a denoiser's output means
-  (:data:`PREDICTION_TYPES`), in both directions.
+  (:data:`~diffusereg.models.PREDICTION_TYPES`), in both directions; :func:`denoise`: one call of
+  a denoiser read as the clean-field estimate, for every prediction type (an ``"increment"``
+  denoiser refines the current estimate: :func:`refined_estimate`).
 - :class:`FieldNormalizer`: the per-axis z-scoring of displacement fields whose statistics a
   denoiser's config carries (``field_mean``, ``field_std``).
 
@@ -21,12 +23,21 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor
 
-from diffusereg.models import PREDICTION_TYPES
+from diffusereg.models import PREDICTION_TYPES, DenoiserCondition
+from diffusereg.spatial import compose, integrate_velocity
 
-__all__ = ["FieldNormalizer", "clean_and_noise", "default_scheduler", "prediction_target",
-           "scheduler_of_kind"]
+__all__ = ["Denoised", "FieldNormalizer", "clean_and_noise", "default_scheduler", "denoise", "prediction_target",
+           "refined_estimate", "scheduler_of_kind", "scheduler_prediction_type"]
 
 SCHEDULER_KINDS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+
+
+def scheduler_prediction_type(prediction_type: str) -> str:
+    """What a scheduler is handed for a denoiser of ``prediction_type``: the same quantity, and the
+    clean field (``"sample"``) for one that refines an estimate (``"increment"``)."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return "sample" if prediction_type == "increment" else prediction_type
 
 
 
@@ -38,12 +49,12 @@ def default_scheduler(kind: str = "ddim", prediction_type: str = "epsilon") -> D
         kind: ``"ddim"`` (deterministic, "trailing" spacing so that one step starts from the
             noisiest timestep) or ``"ddpm"`` (ancestral sampling).
         prediction_type: what the denoiser the scheduler works with predicts (its config's
-            ``prediction_type``); the pipeline hands the scheduler that quantity.
+            ``prediction_type``); the pipeline hands the scheduler that quantity (the clean field
+            for ``"increment"``, see :func:`scheduler_prediction_type`).
     """
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     common = dict(num_train_timesteps=2000, beta_start=1e-6, beta_end=1e-2, beta_schedule="linear",
-                  prediction_type=prediction_type, timestep_spacing="trailing", clip_sample=False)
+                  prediction_type=scheduler_prediction_type(prediction_type), timestep_spacing="trailing",
+                  clip_sample=False)
     if kind == "ddim":
         return DDIMScheduler(**common, set_alpha_to_one=True)
     if kind == "ddpm":
@@ -121,3 +132,51 @@ class FieldNormalizer:
     def denormalize(self, field: Tensor) -> Tensor:
         """z-scored units -> voxels."""
         return field * self._shaped(self.std, field) + self._shaped(self.mean, field)
+
+
+def refined_estimate(prediction: Tensor, estimate: Tensor, normalizer: FieldNormalizer,
+                     integration_steps: int) -> Tensor:
+    """The clean field an ``"increment"`` denoiser predicts: its current ``estimate`` (voxels,
+    ``(B, ndim, *S)``) composed with the diffeomorphic increment whose z-scored stationary
+    velocity is ``prediction``: ``compose(estimate, exp(denormalize(prediction)))``, voxels."""
+    increment = integrate_velocity(normalizer.denormalize(prediction), integration_steps)
+    return compose(estimate, increment)
+
+
+@dataclass(frozen=True)
+class Denoised:
+    """One denoiser call read in every parametrisation: its raw ``prediction`` and the z-scored
+    clean-field and noise estimates ``clean`` and ``noise`` that go with the noisy field."""
+
+    prediction: Tensor
+    clean: Tensor
+    noise: Tensor
+
+
+def denoise(denoiser: torch.nn.Module, config: Mapping[str, Any], noisy: Tensor, timestep: Tensor, alpha_bar: Tensor,
+            normalizer: FieldNormalizer, estimate: Tensor | None = None, condition: DenoiserCondition | None = None,
+            fixed: Tensor | None = None, moving: Tensor | None = None) -> Denoised:
+    """Call ``denoiser`` (whose config is ``config``) on the z-scored noisy field ``noisy``
+    ``(B, ndim, *S)`` at ``timestep`` (cumulative signal fraction ``alpha_bar``, broadcastable),
+    given a ``condition`` or the ``fixed`` and ``moving`` images, and read what it predicts.
+
+    A denoiser of ``prediction_type="increment"`` refines ``estimate`` (voxels; zeros at the first
+    step from noise): it is given the noise around that estimate, ``noisy - sqrt(a) z(estimate)``,
+    and a condition (or moving image) warped by it; its clean field is :func:`refined_estimate`.
+    Every other type reads as :func:`clean_and_noise` says.
+    """
+    prediction_type = config["prediction_type"]
+    sample = noisy
+    if prediction_type == "increment":
+        if estimate is None:
+            raise ValueError("an increment denoiser refines an estimate: give estimate (zeros from noise)")
+        sample = noisy - alpha_bar.sqrt() * normalizer.normalize(estimate)
+    dtype = next(denoiser.parameters()).dtype
+    images = {} if condition is not None else {"fixed": fixed.to(dtype), "moving": moving.to(dtype)}
+    prediction = denoiser(sample.to(dtype), timestep.expand(noisy.shape[0]), condition=condition, **images).sample.float()
+    if prediction_type == "increment":
+        clean = normalizer.normalize(refined_estimate(prediction, estimate, normalizer, config["integration_steps"]))
+        clean, noise = clean_and_noise(clean, noisy, alpha_bar, "sample")
+    else:
+        clean, noise = clean_and_noise(prediction, noisy, alpha_bar, prediction_type)
+    return Denoised(prediction, clean, noise)

@@ -25,6 +25,7 @@ __all__ = [
     "compose",
     "field_to_world",
     "identity_grid",
+    "integrate_velocity",
     "jacobian_determinant",
     "mm_to_voxel",
     "resize_field",
@@ -118,6 +119,23 @@ def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     if first.shape != second.shape:
         raise ValueError(f"fields differ in shape: {tuple(first.shape)} vs {tuple(second.shape)}")
     return second + warp(first, second)
+
+
+def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
+    """The displacement of the flow of a stationary velocity field, by scaling and squaring:
+    ``u = v / 2**steps``, then ``steps`` times ``u <- compose(u, u)`` (as VoxelMorph and MONAI's
+    ``DVF2DDF``). Diffeomorphic in the continuum; ``steps=0`` returns ``velocity`` itself.
+
+    Args:
+        velocity: ``(B, ndim, *S)`` in voxels.
+        steps: number of squarings.
+    Returns:
+        ``(B, ndim, *S)`` displacement in voxels.
+    """
+    field = velocity / 2**steps
+    for _ in range(steps):
+        field = compose(field, field)
+    return field
 
 
 def resize_field(field: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

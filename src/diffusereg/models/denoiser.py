@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -64,6 +64,8 @@ class DiffuseRegDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
         norm_num_groups: GroupNorm groups in the decoder (must divide ``feature_size``).
         field_mean, field_std: per-axis statistics (voxels) that the pipeline uses to z-score
             fields; None = zeros / ones. Stored only, never used by the network.
+        integration_steps: scaling-and-squaring steps that turn a predicted ``"increment"``
+            velocity into a displacement (used by the parametrisation, not by the network).
         prediction_type: what the output means: ``"epsilon"`` (the noise, as in the paper),
             ``"sample"`` (the clean z-scored field) or ``"v_prediction"``; see
             :func:`~diffusereg.schedulers.clean_and_noise`. Stored only: the network is the same.
@@ -94,6 +96,7 @@ class DiffuseRegDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
         field_mean: Sequence[float] | None = None,
         field_std: Sequence[float] | None = None,
         prediction_type: str = "epsilon",
+        integration_steps: int = 7,
     ) -> None:
         super().__init__()
         self.size_multiple = SIZE_MULTIPLE
@@ -171,6 +174,16 @@ class DiffuseRegDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
             tuple(zip(fixed_stage, moving_stage)) for fixed_stage, moving_stage in zip(fixed_features, moving_features)
         )
         return DenoiserCondition(fixed=fixed, moving=moving, features=features)
+
+    def with_moving(self, condition: DenoiserCondition, moving: Tensor) -> DenoiserCondition:
+        """``condition`` with another moving image ``(B, 1, *S)``: only the moving image's encoder runs."""
+        if not self.image_encoders:
+            return replace(condition, moving=moving)
+        check_image_pair(condition.fixed, moving, self.config.spatial_dims, self.size_multiple)
+        moving_features = self.image_encoders[-1](moving)
+        features = tuple(tuple((block[0], new) for block, new in zip(stage, new_stage))
+                         for stage, new_stage in zip(condition.features, moving_features))
+        return DenoiserCondition(fixed=condition.fixed, moving=moving, features=features)
 
     def predict(self, sample: Tensor, timestep: Tensor, condition: DenoiserCondition) -> Tensor:
         """The network on a checked batch (see :meth:`DenoiserForward.forward`)."""

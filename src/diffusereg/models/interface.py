@@ -24,8 +24,11 @@ from torch import Tensor
 BlockFeatures = tuple[tuple[tuple[Tensor, ...], ...], ...]
 
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-"""What a denoiser's output means: the noise, the clean (z-scored) field, or the velocity."""
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "increment")
+"""What a denoiser's output means: the noise, the clean (z-scored) field, the velocity
+``sqrt(a) eps - sqrt(1 - a) x0``, or a refinement of the current estimate ``u`` of the field:
+the z-scored stationary velocity of a diffeomorphic increment ``d``, the clean field being
+``u o (id + d)`` (the moving image it is conditioned on is then the one warped by ``u``)."""
 
 
 @dataclass
@@ -103,6 +106,11 @@ class DenoiserForward:
         timestep, condition = check_denoiser_inputs(sample, timestep, condition)
         prediction = self.predict(sample, timestep, condition)
         return DenoiserOutput(sample=prediction) if return_dict else (prediction,)
+
+    def with_moving(self, condition: DenoiserCondition, moving: Tensor) -> DenoiserCondition:
+        """``condition`` with another moving image ``(B, 1, *S)`` (for a denoiser that refines an
+        estimate: the moving image warped by it); what depends on the fixed image alone is kept."""
+        return self.encode_condition(condition.fixed, moving)
 
 
 def check_image_pair(fixed: Tensor, moving: Tensor, spatial_dims: int, multiple: int) -> None:

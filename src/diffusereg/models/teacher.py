@@ -12,6 +12,7 @@ from monai.networks.nets import VoxelMorph, VoxelMorphUNet
 from torch import Tensor, nn
 
 from diffusereg.models.interface import check_image_pair
+from diffusereg.spatial import compose, warp
 
 
 class RegistrationNet(ModelMixin, ConfigMixin):
@@ -73,6 +74,25 @@ class RegistrationNet(ModelMixin, ConfigMixin):
         """
         check_image_pair(fixed, moving, self.config.spatial_dims, self.size_multiple)
         _, field = self.voxelmorph(moving, fixed)
+        return field
+
+    def recursive(self, fixed: Tensor, moving: Tensor, passes: int) -> Tensor:
+        """The network applied ``passes`` times recursively: warp the moving image by the field so
+        far, register the warped image again, compose the fields (a recursive cascade; ``passes=1``
+        is the one-shot field).
+
+        Args:
+            fixed, moving: ``(B, 1, *S)``, intensities in ``[0, 1]``.
+            passes: number of passes, at least 1.
+
+        Returns:
+            Displacement ``(B, ndim, *S)`` in voxels on the fixed grid.
+        """
+        if passes < 1:
+            raise ValueError(f"passes must be at least 1, got {passes}")
+        field = self(fixed, moving)
+        for _ in range(passes - 1):
+            field = compose(field, self(fixed, warp(moving, field)))
         return field
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> RegistrationNet:

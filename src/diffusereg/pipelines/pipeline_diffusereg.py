@@ -20,7 +20,7 @@ from diffusereg.hub import WeightsError, check_weights, resolve_model
 from diffusereg.io import Grid, write_atomically
 from diffusereg.models import DiffuseRegDenoiser, RegistrationNet
 from diffusereg.pipelines.layout import ModelGridBatch
-from diffusereg.schedulers import FieldNormalizer, clean_and_noise, prediction_target
+from diffusereg.schedulers import FieldNormalizer, clean_and_noise, denoise, prediction_target
 from diffusereg.spatial import warp, warp_labels
 
 __all__ = ["DiffuseRegPipeline", "DiffuseRegPipelineOutput"]
@@ -210,26 +210,26 @@ class DiffuseRegPipeline(DiffusionPipeline):
         return self.teacher(batch.fixed.to(parameter), batch.moving.to(parameter)).float()
 
     def prepare_initial_field(self, batch: ModelGridBatch, init_field: Any, first_timestep: torch.Tensor,
-                              num_samples: int, generator: torch.Generator | None) -> torch.Tensor:
-        """The z-scored field sampling starts from, ``(N * num_samples, ndim, *S)``: pure noise, or
-        ``init_field`` (a field in the output layout, voxels, or ``"teacher"``) noised to
-        ``first_timestep`` with the scheduler's ``add_noise``."""
+                              num_samples: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where sampling starts: the z-scored noisy field ``(N * num_samples, ndim, *S)`` and the
+        estimate of the clean field (voxels, same shape). From pure noise the estimate is zero;
+        from ``init_field`` (a field in the output layout, voxels, or ``"teacher"``) it is that
+        field, noised to ``first_timestep`` with the scheduler's ``add_noise``."""
         device = self._execution_device
         shape = (batch.size * num_samples, self.spatial_dims, *batch.fixed.shape[2:])
         noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         if init_field is None:
-            return noise * self.scheduler.init_noise_sigma
+            return noise * self.scheduler.init_noise_sigma, torch.zeros_like(noise)
         start = self.teacher_field(batch) if isinstance(init_field, str) else batch.field_from_output(init_field, "init_field")
-        start_z = self.normalizer.normalize(start.to(device))
-        return self.scheduler.add_noise(batch.repeated(start_z, num_samples), noise, first_timestep[None])
+        start = batch.repeated(start.to(device), num_samples)
+        return self.scheduler.add_noise(self.normalizer.normalize(start), noise, first_timestep[None]), start
 
-    def predict_clean_field(self, field_t: torch.Tensor, timestep: torch.Tensor, alpha_bar: torch.Tensor,
-                            condition: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x0, eps)``, z-scored, from one denoiser call on the noisy field ``field_t`` at
-        ``timestep`` (whose cumulative signal fraction is ``alpha_bar``)."""
-        prediction = self.denoiser(field_t.to(self.denoiser.dtype), timestep.expand(field_t.shape[0]),
-                                   condition=condition).sample.float()
-        return clean_and_noise(prediction, field_t, alpha_bar, self.denoiser.config.prediction_type)
+    def condition_for(self, condition: Any, moving: torch.Tensor, estimate: torch.Tensor) -> Any:
+        """The condition of this step: for a denoiser that refines its estimate
+        (``prediction_type="increment"``), the moving image warped by the estimate; else as encoded."""
+        if self.denoiser.config.prediction_type != "increment":
+            return condition
+        return self.denoiser.with_moving(condition, warp(moving, estimate).to(self.denoiser.dtype))
 
     @staticmethod
     def apply_guidance(field: torch.Tensor, guides: list[Guide], fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
@@ -350,13 +350,16 @@ class DiffuseRegPipeline(DiffusionPipeline):
         condition = self.denoiser.encode_condition(fixed_n.to(self.denoiser.dtype), moving_n.to(self.denoiser.dtype))
         # 3. timesteps
         timesteps = self.get_timesteps(num_inference_steps, strength)
-        # 4. initial field
-        field_t = self.prepare_initial_field(batch, init_field, timesteps[0], num_samples, generator)
+        # 4. initial field (and estimate of the clean field)
+        field_t, x0 = self.prepare_initial_field(batch, init_field, timesteps[0], num_samples, generator)
         # 5. denoising loop: denoiser, guidance, scheduler step, callbacks
         self._interrupt = False
         for i, t in enumerate(self.progress_bar(timesteps)):
             alpha_bar = self.scheduler.alphas_cumprod[int(t)].to(device)
-            x0_z, noise = self.predict_clean_field(field_t, t, alpha_bar, condition)
+            step_condition = self.condition_for(condition, moving_n, x0)
+            denoised = denoise(self.denoiser, self.denoiser.config, field_t, t, alpha_bar, normalizer, estimate=x0,
+                               condition=step_condition)
+            x0_z, noise = denoised.clean, denoised.noise
             x0 = normalizer.denormalize(x0_z)
             active = [guide for guide in guides if guide.is_active(i, len(timesteps))]
             if active:

@@ -143,12 +143,33 @@ class TeacherLossConfig:
 
 @dataclass
 class DiffusionLossConfig:
-    """The paper's objective: MSE(eps_hat, eps) + similarity_weight * (1 - SSIM(f, m o phi0_hat))
-    + smoothness_weight * mean squared gradient(phi0_hat) (lambda1 = 1, lambda2 = 0.1)."""
+    """The diffusion stage's objective.
 
+    ``recipe: paper`` is the paper's (:func:`~diffusereg.training.diffusion_loss`): MSE of the
+    prediction + ``similarity_weight * (1 - SSIM(f, m o phi0_hat))`` + ``smoothness_weight *
+    mean squared gradient(phi0_hat)`` (lambda1 = 1, lambda2 = 0.1), phi0 the teacher's field.
+
+    ``recipe: refine`` (:func:`~diffusereg.training.refinement_loss`; the denoiser must have
+    ``prediction_type: increment``) trains every step to refine the estimate it starts from, on
+    the moving image warped by it: the starts are zero (share ``zero_start``), the teacher's field
+    scaled by a factor in [0.3, 1.3] (``teacher_start``), the teacher's field of another pair of the
+    batch (``other_start``), or the denoiser's own estimate after 1 to 3 sampling steps from noise
+    (the rest); the target is the teacher applied ``target_passes`` times recursively, with a weight
+    going linearly from ``target_weight`` to ``target_weight_final`` over the run; with probability
+    ``swap_prob`` a pair is registered the other way round (ES to ED).
+    """
+
+    recipe: Literal["paper", "refine"] = "paper"
     similarity_weight: float = 1.0
     smoothness_weight: float = 0.1
     ssim_window: int = 9
+    target_passes: int = 3
+    target_weight: float = 1.0
+    target_weight_final: float = 1.0
+    zero_start: float = 0.3
+    teacher_start: float = 0.15
+    other_start: float = 0.1
+    swap_prob: float = 0.0
 
 
 @dataclass
@@ -172,6 +193,10 @@ class TeacherConfig(StageConfig):
     cache_dtype: Literal["float16", "float32"] = "float16"  # storage type of the phi0 cache
 
 
+PARAMETRISATION_KEYS = {"prediction_type", "integration_steps"}
+"""Denoiser settings that do not change its network: ``model`` may set them with ``init_weights``."""
+
+
 @dataclass
 class DiffusionConfig(StageConfig):
     """Stage 2: the denoiser (``model`` is passed to :class:`diffusereg.models.DiffuseRegDenoiser`).
@@ -193,9 +218,16 @@ class DiffusionConfig(StageConfig):
     init_weights: str | None = None
 
     def __post_init__(self) -> None:
-        if self.init_weights is not None and self.model:
-            raise ConfigError(f"init_weights ({self.init_weights}) brings its own architecture; "
-                              f"leave `model` empty (got {sorted(self.model)})")
+        starts = (self.loss.zero_start, self.loss.teacher_start, self.loss.other_start)
+        if min(starts) < 0 or sum(starts) > 1:
+            raise ConfigError(f"loss.zero_start, teacher_start, other_start must be shares >= 0 summing to at most 1, "
+                              f"got {starts}")
+        if self.loss.recipe == "refine" and self.phi0_source != "teacher":
+            raise ConfigError("loss.recipe: refine runs the teacher on every batch: set phi0_source: teacher")
+        architecture = sorted(set(self.model) - PARAMETRISATION_KEYS)
+        if self.init_weights is not None and architecture:
+            raise ConfigError(f"init_weights ({self.init_weights}) brings its own architecture; `model` may only set "
+                              f"{sorted(PARAMETRISATION_KEYS)} (got {architecture})")
         if self.data.augment.enabled and self.phi0_source == "cache":
             raise ConfigError("data.augment.enabled needs phi0_source: teacher "
                               "(the cached phi0 fit the un-augmented pairs only)")

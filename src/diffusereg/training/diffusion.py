@@ -21,10 +21,11 @@ from torch.utils.data import Dataset
 from diffusereg.hub import resolve_model
 from diffusereg.models import DiffuseRegDenoiser, RegistrationNet
 from diffusereg.pipelines import DiffuseRegPipeline
-from diffusereg.schedulers import default_scheduler
+from diffusereg.schedulers import FieldNormalizer, default_scheduler, denoise
+from diffusereg.spatial import warp
 from diffusereg.training.config import ConfigError, DiffusionConfig
 from diffusereg.training.data import FieldStatistics, Phi0Cache, WithPhi0, build_dataset
-from diffusereg.training.objective import diffusion_loss
+from diffusereg.training.objective import RefinementLoss, diffusion_loss, refinement_loss
 from diffusereg.training.trainer import Stage, Trainer
 
 __all__ = ["DiffusionStage", "train_diffusion"]
@@ -65,12 +66,13 @@ def teacher_source(teacher: str) -> TeacherSource:
 
 
 class DiffusionStage(Stage):
-    """The denoiser (:class:`~diffusereg.models.DiffuseRegDenoiser`) trained with
-    :func:`~diffusereg.training.objective.diffusion_loss` on phi0 from the teacher's output
-    directory (its cache, or the frozen teacher run on every batch)."""
+    """The denoiser (:class:`~diffusereg.models.DiffuseRegDenoiser`) trained on the teacher's
+    fields (its cache, or the frozen teacher run on every batch): with the paper's
+    :func:`~diffusereg.training.objective.diffusion_loss` (``loss.recipe: paper``), or as a
+    refiner of its own estimates with :func:`~diffusereg.training.objective.refinement_loss`
+    (``loss.recipe: refine``; see :class:`~diffusereg.training.config.DiffusionLossConfig`)."""
 
     name = "diffusion"
-    loss_names = ("noise", "similarity", "smoothness")
     config: DiffusionConfig
 
     def __init__(self, config: DiffusionConfig) -> None:
@@ -87,17 +89,29 @@ class DiffusionStage(Stage):
                              f"but data.spatial_dims is {config.data.spatial_dims}")
         self.scheduler = default_scheduler("ddpm")  # add_noise and alphas_cumprod of the paper's schedule
         self.teacher: RegistrationNet | None = None
+        self.refine = config.loss.recipe == "refine"
+        self.loss_names = ("target", "similarity", "smoothness") if self.refine else ("noise", "similarity", "smoothness")
 
     def build_model(self) -> nn.Module:
-        """A fresh denoiser, or the one of ``init_weights`` (float32) after checking that it fits."""
+        """A fresh denoiser, or the one of ``init_weights`` (float32) after checking that it fits.
+
+        The refine recipe starts from ``init_weights`` with its config's ``prediction_type`` and
+        ``integration_steps`` as ``model`` says and the teacher's field statistics (a new
+        parametrisation of the same network)."""
         if self.config.init_weights is None:
             model = DiffuseRegDenoiser(spatial_dims=self.config.data.spatial_dims, field_mean=self.source.mean,
                                        field_std=self.source.std, **self.config.model)
         else:
-            model = DiffuseRegDenoiser.from_pretrained(resolve_model(self.config.init_weights),
-                                                       subfolder="denoiser").to(torch.float32)
+            overrides = {**self.config.model, **({"field_mean": self.source.mean, "field_std": self.source.std}
+                                                 if self.refine else {})}
+            model = DiffuseRegDenoiser.from_pretrained(resolve_model(self.config.init_weights), subfolder="denoiser",
+                                                       dtype=torch.float32, **overrides)
             self._check_pretrained(model)
-        self.prediction_type = model.config.prediction_type
+        if self.refine and model.config.prediction_type != "increment":
+            raise ConfigError("loss.recipe: refine trains a denoiser that refines its estimate: set "
+                              f"model.prediction_type: increment (got {model.config.prediction_type!r})")
+        self.model_config = model.config
+        self.normalizer = FieldNormalizer.from_config(model.config)
         return model
 
     def _check_pretrained(self, model: DiffuseRegDenoiser) -> None:
@@ -105,6 +119,8 @@ class DiffusionStage(Stage):
         if config.spatial_dims != self.config.data.spatial_dims:
             raise ValueError(f"init_weights {source} is a {config.spatial_dims}D denoiser "
                              f"but data.spatial_dims is {self.config.data.spatial_dims}")
+        if self.refine:  # the refine recipe sets the teacher's statistics itself
+            return
         for name, ours in (("field_mean", self.source.mean), ("field_std", self.source.std)):
             theirs = getattr(config, name)
             if not torch.allclose(torch.tensor(theirs, dtype=torch.float64), torch.tensor(ours, dtype=torch.float64),
@@ -128,19 +144,76 @@ class DiffusionStage(Stage):
         teacher.requires_grad_(False)
         return teacher
 
-    def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Tensor]:
+    def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator,
+             progress: float) -> dict[str, Tensor]:
+        loss = self.config.loss
+        if self.refine:
+            return self._refinement_loss(model, batch["fixed"], batch["moving"], generator, progress).parts()
         if self.teacher is not None:
             with torch.no_grad():
                 phi0 = self.teacher(batch["fixed"], batch["moving"]).float()
         else:
             phi0 = batch["phi0"]
-        loss = self.config.loss
         return diffusion_loss(
             model, self.scheduler, batch["fixed"], batch["moving"], phi0,
             self.source.mean, self.source.std, generator=generator,
             similarity_weight=loss.similarity_weight, smoothness_weight=loss.smoothness_weight,
-            ssim_window=loss.ssim_window, prediction_type=self.prediction_type,
+            ssim_window=loss.ssim_window, prediction_type=self.model_config.prediction_type,
         ).parts()
+
+    def _refinement_loss(self, model: nn.Module, fixed: Tensor, moving: Tensor, generator: torch.Generator,
+                         progress: float) -> RefinementLoss:
+        """The refine recipe on one batch: swap some pairs, start from a mix of estimates, pull
+        towards the teacher applied recursively, with the target weight at ``progress`` of the run."""
+        loss = self.config.loss
+        swap = (torch.rand(fixed.shape[0], generator=generator, device=fixed.device) < loss.swap_prob).reshape(
+            -1, *([1] * (fixed.ndim - 1)))
+        fixed, moving = torch.where(swap, moving, fixed), torch.where(swap, fixed, moving)
+        with torch.no_grad():
+            one_shot = self.teacher(fixed, moving).float()
+            target = self.teacher.recursive(fixed, moving, loss.target_passes).float()
+            start = self._starts(model, fixed, moving, one_shot, generator)
+        weight = loss.target_weight + (loss.target_weight_final - loss.target_weight) * progress
+        return refinement_loss(model, self.model_config, self.scheduler, self.normalizer, fixed, moving, start,
+                               target, generator=generator, target_weight=weight,
+                               similarity_weight=loss.similarity_weight, smoothness_weight=loss.smoothness_weight,
+                               ssim_window=loss.ssim_window)
+
+    def _starts(self, model: nn.Module, fixed: Tensor, moving: Tensor, one_shot: Tensor,
+                generator: torch.Generator) -> Tensor:
+        """A start estimate per pair (voxels), drawn as ``loss`` says: zero, the teacher's field
+        scaled by a factor in [0.3, 1.3], another pair's teacher field, or the denoiser's own
+        estimate after 1 to 3 sampling steps from noise."""
+        loss, device = self.config.loss, fixed.device
+        draw = torch.rand(fixed.shape[0], generator=generator, device=device)
+        bounds = torch.tensor([loss.zero_start, loss.teacher_start, loss.other_start], device=device).cumsum(0)
+        kind = torch.bucketize(draw, bounds, right=True)  # 0 zero, 1 teacher, 2 other pair's, 3 own
+        shape = (-1, *([1] * (one_shot.ndim - 1)))
+        scale = 0.3 + torch.rand(fixed.shape[0], generator=generator, device=device).reshape(shape)
+        start = torch.zeros_like(one_shot)
+        start = torch.where((kind == 1).reshape(shape), scale * one_shot, start)
+        start = torch.where((kind == 2).reshape(shape), one_shot.roll(1, dims=0), start)
+        own = kind == 3
+        if own.any():
+            start[own] = self._own_estimates(model, fixed[own], moving[own], generator)
+        return start
+
+    def _own_estimates(self, model: nn.Module, fixed: Tensor, moving: Tensor, generator: torch.Generator) -> Tensor:
+        """The denoiser's estimate after 1 to 3 sampling steps from noise, at decreasing random
+        timesteps in [400, 2000) (what a later sampling step starts from)."""
+        device = fixed.device
+        count = int(torch.randint(1, 4, (1,), generator=generator, device=device))
+        steps = torch.randint(400, self.scheduler.config.num_train_timesteps, (count,), generator=generator,
+                              device=device).sort(descending=True).values
+        estimate = torch.zeros(fixed.shape[0], fixed.ndim - 2, *fixed.shape[2:], device=device)
+        for t in steps:
+            alpha_bar = self.scheduler.alphas_cumprod.to(device)[t]
+            noise = torch.randn(estimate.shape, generator=generator, device=device)
+            noisy = alpha_bar.sqrt() * self.normalizer.normalize(estimate) + (1 - alpha_bar).sqrt() * noise
+            estimate = self.normalizer.denormalize(
+                denoise(model, self.model_config, noisy, t, alpha_bar, self.normalizer, estimate=estimate,
+                        fixed=fixed, moving=warp(moving, estimate)).clean)
+        return estimate
 
     def predict_field(self, model: nn.Module, fixed: Tensor, moving: Tensor, generator: torch.Generator) -> Tensor:
         """A short DDIM sampling run (``validation.num_inference_steps``) through the pipeline."""

@@ -1,7 +1,11 @@
-"""The training objectives of both stages, each in one function.
+"""The training objectives, each in one function.
 
 - :func:`diffusion_loss`: DiffuseReg's Eq. 3 (Sec. 2.0.6-2.0.7),
-  ``L = ||eps_hat - eps||^2 + lambda1 (1 - SSIM(f, m o phi0_hat)) + lambda2 mean|grad phi0_hat|^2``.
+  ``L = ||eps_hat - eps||^2 + lambda1 (1 - SSIM(f, m o phi0_hat)) + lambda2 mean|grad phi0_hat|^2``
+  (the paper's recipe).
+- :func:`refinement_loss`: one step of a denoiser that refines its current estimate (the
+  ``"refine"`` recipe): ``w_T MSE(z(x0_hat), z(target)) + lambda1 (1 - SSIM(f, m o x0_hat))
+  + lambda2 mean|grad x0_hat|^2`` with ``x0_hat`` the estimate refined from a noised start.
 - :func:`registration_loss`: the teacher's unsupervised loss (similarity + smoothness,
   optionally + soft label Dice).
 
@@ -10,9 +14,9 @@ Fields are ``(B, ndim, *S)`` displacements in voxels; images ``(B, 1, *S)`` in `
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +24,11 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor, nn
 
 from diffusereg.losses import dice_loss, gradient_loss, ncc_loss, ssim_loss
-from diffusereg.schedulers import clean_and_noise, prediction_target
+from diffusereg.schedulers import FieldNormalizer, clean_and_noise, denoise, prediction_target
 from diffusereg.spatial import warp
 
-__all__ = ["DiffusionLoss", "RegistrationLoss", "diffusion_loss", "registration_loss", "zscore_statistics"]
+__all__ = ["DiffusionLoss", "RefinementLoss", "RegistrationLoss", "diffusion_loss", "refinement_loss",
+           "registration_loss", "zscore_statistics"]
 
 
 @dataclass
@@ -126,6 +131,81 @@ def diffusion_loss(
     smoothness = gradient_loss(phi0_hat)
     total = noise_term + similarity_weight * similarity + smoothness_weight * smoothness
     return DiffusionLoss(total=total, noise=noise_term, similarity=similarity, smoothness=smoothness, phi0_hat=phi0_hat)
+
+
+@dataclass
+class RefinementLoss:
+    """Parts of the refinement objective (scalars); ``total`` is what is minimised.
+
+    Attributes:
+        total: ``target_weight * target + similarity_weight * similarity + smoothness_weight * smoothness``.
+        target: ``MSE(z(x0_hat), z(target))`` on the z-scored fields.
+        similarity: ``1 - SSIM(fixed, warp(moving, x0_hat))``.
+        smoothness: mean squared forward difference of ``x0_hat`` (voxels^2).
+        x0_hat: the refined estimate ``(B, ndim, *S)`` in voxels (for inspection).
+    """
+
+    total: Tensor
+    target: Tensor
+    similarity: Tensor
+    smoothness: Tensor
+    x0_hat: Tensor
+
+    def parts(self) -> dict[str, Tensor]:
+        """The scalar terms by name (what the trainer logs)."""
+        return {"loss": self.total, "target": self.target, "similarity": self.similarity, "smoothness": self.smoothness}
+
+
+def refinement_loss(
+    denoiser: nn.Module,
+    config: Mapping[str, Any],
+    scheduler: DDPMScheduler | DDIMScheduler,
+    normalizer: FieldNormalizer,
+    fixed: Tensor,
+    moving: Tensor,
+    estimate: Tensor,
+    target: Tensor,
+    generator: torch.Generator | None = None,
+    target_weight: float = 1.0,
+    similarity_weight: float = 1.0,
+    smoothness_weight: float = 0.05,
+    ssim_window: int = 9,
+) -> RefinementLoss:
+    """One training step of a denoiser that refines its estimate (``prediction_type="increment"``).
+
+    The start ``estimate`` (what a sampling step would hold: zeros, a one-shot field, the
+    denoiser's own earlier estimate) is z-scored and noised to a uniform random timestep with the
+    scheduler's ``add_noise``; the denoiser sees the noise around it and the moving image warped by
+    it, and its refined estimate ``x0_hat`` (:func:`~diffusereg.schedulers.denoise`) is scored
+    against the images (SSIM, window ``ssim_window``), for smoothness, and against ``target``.
+
+    Args:
+        denoiser: an ``"increment"`` denoiser (possibly wrapped for distributed training).
+        config: its config.
+        scheduler: gives ``alphas_cumprod``, ``add_noise`` and ``num_train_timesteps``.
+        normalizer: the field z-scoring of the denoiser's config.
+        fixed, moving: ``(B, 1, *S)`` images in ``[0, 1]``.
+        estimate: ``(B, ndim, *S)`` start, voxels.
+        target: ``(B, ndim, *S)`` field the estimate is pulled towards (e.g. the teacher applied
+            recursively), voxels.
+        generator: draws the timesteps and the noise.
+        target_weight, similarity_weight, smoothness_weight: the weights of the three terms.
+        ssim_window: SSIM window size.
+    """
+    batch = estimate.shape[0]
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator,
+                              device=estimate.device)
+    noise = torch.randn(estimate.shape, generator=generator, device=estimate.device)
+    noisy = scheduler.add_noise(normalizer.normalize(estimate), noise, timesteps)
+    alpha_bar = scheduler.alphas_cumprod.to(estimate.device)[timesteps].reshape(batch, *([1] * (estimate.ndim - 1)))
+    x0_hat = normalizer.denormalize(denoise(denoiser, config, noisy, timesteps, alpha_bar, normalizer, estimate=estimate,
+                                            fixed=fixed, moving=warp(moving, estimate)).clean)
+    target_term = F.mse_loss(normalizer.normalize(x0_hat), normalizer.normalize(target))
+    similarity = ssim_loss(fixed.float(), warp(moving.float(), x0_hat), kernel_size=ssim_window)
+    smoothness = gradient_loss(x0_hat)
+    total = target_weight * target_term + similarity_weight * similarity + smoothness_weight * smoothness
+    return RefinementLoss(total=total, target=target_term, similarity=similarity, smoothness=smoothness,
+                          x0_hat=x0_hat)
 
 
 def registration_loss(

@@ -42,7 +42,8 @@ class TeacherStage(Stage):
             raise ValueError("loss.dice_weight > 0 needs label maps in the training data")
         return dataset
 
-    def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Tensor]:
+    def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator,
+             progress: float) -> dict[str, Tensor]:
         loss = self.config.loss
         return registration_loss(
             model(batch["fixed"], batch["moving"]), batch["fixed"], batch["moving"],

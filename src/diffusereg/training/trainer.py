@@ -85,8 +85,10 @@ class Stage(ABC):
         """Move auxiliary state (e.g. a frozen teacher) to ``accelerator.device``."""
 
     @abstractmethod
-    def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Tensor]:
-        """Scalar loss terms of one batch: ``"loss"`` (minimised) and each of ``loss_names``."""
+    def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator,
+             progress: float) -> dict[str, Tensor]:
+        """Scalar loss terms of one batch: ``"loss"`` (minimised) and each of ``loss_names``;
+        ``progress`` is the fraction of ``train.max_steps`` done."""
 
     @abstractmethod
     def predict_field(self, model: nn.Module, fixed: Tensor, moving: Tensor, generator: torch.Generator) -> Tensor:
@@ -287,7 +289,7 @@ class Trainer:
         generator = torch.Generator(device=self.accelerator.device).manual_seed(seed)
         if self.augmentation is not None:
             batch = augment_batch(batch, self.augmentation, seed)
-        losses = self.stage.loss(self.model, batch, generator)
+        losses = self.stage.loss(self.model, batch, generator, self.step / self.config.train.max_steps)
         self.accelerator.backward(losses["loss"])
         if self.config.optim.max_grad_norm is not None:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.optim.max_grad_norm)
