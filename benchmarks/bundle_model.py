@@ -1,25 +1,38 @@
-"""Bundle a trained pipeline (and its teacher) into the package as a short-named model.
+"""Bundle a trained pipeline into the package as a short-named model, with the records that made it.
 
-Run (from the repository root):
+Run (from the repository root, after training and benchmarking it):
 
-    python benchmarks/bundle_model.py --pipeline runs/diffusion_2d/pipeline \
-        --card docs/model_card_acdc_2d.md --output src/diffusereg/pretrained/acdc-2d
+    python benchmarks/bundle_model.py --run runs/refine_2d --benchmark benchmarks/results/acdc_val \
+        --name diffusereg/acdc-2d --output src/diffusereg/pretrained/acdc-2d
 
-Writes a ``save_pretrained`` folder with the denoiser stored in float16 (``--dtype float32`` to keep
-full precision), the pipeline's teacher component in ``teacher/`` (one-shot baseline, float32)
-and the model card as ``README.md``. Prints the sizes and the largest difference between the
-bundled (upcast) and the original denoiser weights.
+Writes a ``save_pretrained`` folder: the denoiser in float16 (``--dtype float32`` keeps full
+precision), the pipeline's teacher component (float32), and ``training/`` with the exact configs
+and logs of the diffusion run and of its teacher's run (where the teacher is a run, not a saved
+pipeline) and ``provenance.json`` (the commit, the
+commands). The model card ``README.md`` is generated from those files and from the benchmark's
+``summary.json``: the recipe, the validation during training, and the benchmark table with its
+command. ``docs/model_card_<folder>.md`` gets the same card. Prints the sizes and the largest
+difference between the bundled (upcast) and the trained denoiser weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import shutil
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 
+from diffusereg.evaluation import summary_markdown
 from diffusereg.pipelines import DiffuseRegPipeline
+
+CARD_METHODS = ("identity", "ANTs SyN", "teacher (one-shot)")
+"""Benchmark rows every card shows first: no registration and the two baselines."""
 
 
 def folder_mib(folder: Path) -> float:
@@ -27,26 +40,174 @@ def folder_mib(folder: Path) -> float:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) / 2**20
 
 
+def git(*arguments: str) -> str:
+    return subprocess.run(["git", *arguments], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def read_log(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+def validation_table(log: list[dict[str, str]]) -> str:
+    """The rows of a training log with validation metrics, as a Markdown table (Dice in %)."""
+    names = ("LV", "Myo", "LVepi", "RV", "Heart", "Overall")
+    lines = ["| step | " + " | ".join(names) + " | NJD % |", "|---:|" + "---:|" * (len(names) + 1)]
+    for row in log:
+        if row.get("val_Dice_Overall"):
+            dice = " | ".join(f"{100 * float(row[f'val_Dice_{name}']):.1f}" for name in names)
+            lines.append(f"| {row['step']} | {dice} | {float(row['val_NJD_percent']):.3f} |")
+    return "\n".join(lines)
+
+
+def teacher_line(diffusion: dict[str, Any], teacher: dict[str, Any] | None,
+                 teacher_log: list[dict[str, str]] | None) -> str:
+    """Where the teacher came from: a teacher run (its config and log are bundled) or a saved pipeline."""
+    if teacher is None or teacher_log is None:
+        return (f"1. Teacher: the teacher component of `{diffusion['teacher']}`, unchanged (its model card "
+                f"describes its training).")
+    minutes = float(teacher_log[-1]["elapsed_s"]) / 60
+    return (f"1. Teacher (`training/teacher_config.yaml`): {teacher['model']} for {teacher['train']['max_steps']} "
+            f"steps of batch {teacher['data']['batch_size']}, loss {teacher['loss']['similarity']} (window "
+            f"{teacher['loss']['similarity_window']}) + {teacher['loss']['smoothness_weight']} x smoothness, AdamW "
+            f"{teacher['optim']['lr']}, {minutes:.0f} minutes; training slices: "
+            f"`skip_empty_slices: {str(teacher['data']['skip_empty_slices']).lower()}`.")
+
+
+def recipe(diffusion: dict[str, Any], teacher: dict[str, Any] | None, diffusion_log: list[dict[str, str]],
+           teacher_log: list[dict[str, str]] | None) -> str:
+    """The training recipe, read from the configs and logs."""
+    data, loss, optim, train = diffusion["data"], diffusion["loss"], diffusion["optim"], diffusion["train"]
+    minutes = float(diffusion_log[-1]["elapsed_s"]) / 60
+    return "\n".join([
+        teacher_line(diffusion, teacher, teacher_log),
+        f"2. Denoiser (`training/diffusion_config.yaml`): recipe `{loss['recipe']}`, "
+        f"{train['max_steps']} steps of batch {data['batch_size']} ({minutes:.0f} minutes), starting from "
+        f"`{diffusion['init_weights'] or 'fresh weights'}` with `model: {diffusion['model']}`; target: the teacher "
+        f"applied {loss['target_passes']} times recursively, weight {loss['target_weight']} -> "
+        f"{loss['target_weight_final']}; {loss['similarity_weight']} x (1 - SSIM, window {loss['ssim_window']}) + "
+        f"{loss['smoothness_weight']} x smoothness of the refined estimate; starts: zero {loss['zero_start']}, "
+        f"teacher field {loss['teacher_start']}, another pair's {loss['other_start']}, own estimates the rest; "
+        f"both directions with probability {loss['swap_prob']}; AdamW {optim['lr']} (weight decay "
+        f"{optim['weight_decay']}, {optim['warmup_steps']} warm-up steps, cosine to {optim['min_lr']}), EMA "
+        f"{optim['ema_decay']}; training slices: `skip_empty_slices: {str(data['skip_empty_slices']).lower()}`. "
+        f"This stage reads no label except to score validation; the networks it starts from keep their own "
+        f"slice choice (their cards).",
+    ])
+
+
+def card(name: str, pipe: DiffuseRegPipeline, diffusion: dict[str, Any], teacher: dict[str, Any] | None,
+         diffusion_log: list[dict[str, str]], teacher_log: list[dict[str, str]] | None, benchmark: dict[str, Any],
+         provenance: dict[str, Any]) -> str:
+    """The model card, from the bundle's own records."""
+    config = pipe.denoiser.config
+    summaries = benchmark["summary"]
+    ordered = {method: summaries[method] for method in (*CARD_METHODS, *summaries) if method in summaries}
+    settings = benchmark["settings"]
+    parameters = sum(p.numel() for p in pipe.denoiser.parameters()) / 1e6
+    return f"""# Model card: `{name}`
+
+Generated by `benchmarks/bundle_model.py` from the configs, logs and benchmark stored with the
+model (`training/`; commit `{provenance['commit']}`). It registers 2D slices (a volume
+`(D, H, W)` slice by slice: its field has a zero channel 0) of cardiac cine MR, end-systole onto
+end-diastole in its training data, and loads offline:
+
+```python
+from diffusereg import DiffuseRegPipeline
+pipe = DiffuseRegPipeline.from_pretrained("{name}")
+```
+
+## What it is
+
+| | |
+|---|---|
+| input | fixed and moving images on the model grid: {pipe.config.model_spacing[0]} x {pipe.config.model_spacing[1]} mm in plane ({pipe.config.model_spacing[2]} mm between slices), {' x '.join(map(str, pipe.config.model_size))}, intensities in [0, 1]; `diffusereg register` does this for files in any geometry and maps the result back |
+| output | displacement field, voxels, channels first in array-axis order |
+| denoiser | `{type(pipe.denoiser).__name__}`, {config.spatial_dims}D, feature size {config.feature_size}, depths {config.depths}, heads {config.num_heads}, window {config.window_size}, {config.fusion} fusion; `prediction_type="{config.prediction_type}"`{' (every step refines the current estimate: it sees the moving image warped by it and predicts a diffeomorphic increment, ' + str(config.integration_steps) + ' scaling-and-squaring steps)' if config.prediction_type == 'increment' else ''}; {parameters:.1f} M parameters stored in {pipe.denoiser.dtype} |
+| scheduler | `{type(pipe.scheduler).__name__}` (DDPM on request), linear betas {pipe.scheduler.config.beta_start:g} .. {pipe.scheduler.config.beta_end:g} over {pipe.scheduler.config.num_train_timesteps} steps |
+| teacher | `teacher/`: the one-shot `RegistrationNet` whose fields, applied recursively, were the training target; the one-shot baseline below, and a start (`init_field="teacher"`) |
+
+## Data
+
+ACDC training set (Bernard et al., IEEE TMI 2018): the 90 patients outside the validation split
+(patients 010, 020, ..., 100, two per disease group), ED frame = fixed, ES frame = moving (and the
+other way round, see below). The numbers below are on the 10 validation patients, which neither
+stage trained on; choices made by looking at them (the recipe, the number of sampling steps) make
+them validation numbers, not test numbers.
+
+## Training
+
+{recipe(diffusion, teacher, diffusion_log, teacher_log)}
+
+Reproduce: `{' && '.join(provenance['commands'])}` (from the repository root, ACDC at
+`../shared/data/acdc/training`).
+
+Validation during training (the first {diffusion['validation']['max_pairs']} validation slices, DDIM
+{diffusion['validation']['num_inference_steps']} steps, EMA weights; Dice per patient over its
+stacked slices, %):
+
+{validation_table(diffusion_log)}
+
+## Results
+
+The 10 validation patients, whole volumes on the model grid (3D Dice over the stacked slices,
+paper protocol), seed 0, {settings['threads']} CPU threads, `{settings['command']}`. Mean (std)
+over patients; Dice %, NJD % of voxels, HD95 mm, seconds per case.
+
+{summary_markdown(ordered)}
+## Intended use and limits
+
+Research on image registration; not for clinical decisions. Trained on ACDC cine MR only:
+other sequences, organs or resolutions need fine-tuning (the documentation's page "Train on your
+own data"). 2D: no through-plane motion.
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pipeline", type=Path, required=True, help="trained pipeline folder (stage 2 output)")
-    parser.add_argument("--card", type=Path, required=True, help="Markdown model card")
+    parser.add_argument("--run", type=Path, required=True, help="diffusion output folder (pipeline/, config.yaml, log.csv)")
+    parser.add_argument("--benchmark", type=Path, required=True, help="benchmarks/acdc.py output folder (summary.json)")
+    parser.add_argument("--name", required=True, help="the model's short name, e.g. diffusereg/acdc-2d")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     args = parser.parse_args()
 
-    pipe = DiffuseRegPipeline.from_pretrained(args.pipeline)
+    pipe = DiffuseRegPipeline.from_pretrained(args.run / "pipeline")
     if pipe.teacher is None:
-        raise SystemExit(f"{args.pipeline}: the pipeline has no teacher component (train it with diffusereg train)")
+        raise SystemExit(f"{args.run}/pipeline: the pipeline has no teacher component (train it with diffusereg train)")
+    diffusion = yaml.safe_load((args.run / "config.yaml").read_text())
+    teacher_run = Path(diffusion["teacher"])
+    teacher_is_run = (teacher_run / "log.csv").is_file()  # else a saved pipeline, e.g. diffusereg/acdc-2d-paper
+    teacher = yaml.safe_load((teacher_run / "config.yaml").read_text()) if teacher_is_run else None
+    teacher_log = read_log(teacher_run / "log.csv") if teacher_is_run else None
+    diffusion_log = read_log(args.run / "log.csv")
+    benchmark = json.loads((args.benchmark / "summary.json").read_text())
+    commands = [f"diffusereg train diffusion --config configs/{args.run.name}_cpu.yaml"]
+    if teacher_is_run:
+        commands.insert(0, f"diffusereg train teacher --config configs/{teacher_run.name}_cpu.yaml")
+    provenance = {
+        "commit": git("rev-parse", "HEAD"), "uncommitted_changes": bool(git("status", "--porcelain")),
+        "teacher": diffusion["teacher"], "commands": commands, "benchmark": benchmark["settings"]["command"],
+    }
     original = {name: tensor.clone() for name, tensor in pipe.denoiser.state_dict().items()}
-    if args.output.exists():
-        shutil.rmtree(args.output)
     temporary = args.output.with_name(f".{args.output.name}.tmp")
     if temporary.exists():
         shutil.rmtree(temporary)
     pipe.denoiser.to(getattr(torch, args.dtype))
-    pipe.save_pretrained(temporary, model_card=args.card.read_text())
+    text = card(args.name, pipe, diffusion, teacher, diffusion_log, teacher_log, benchmark, provenance)
+    pipe.save_pretrained(temporary, model_card=text)
+    records = temporary / "training"
+    records.mkdir()
+    shutil.copy(args.run / "config.yaml", records / "diffusion_config.yaml")
+    shutil.copy(args.run / "log.csv", records / "diffusion_log.csv")
+    if teacher_is_run:
+        shutil.copy(teacher_run / "config.yaml", records / "teacher_config.yaml")
+        shutil.copy(teacher_run / "log.csv", records / "teacher_log.csv")
+    (records / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    if args.output.exists():
+        shutil.rmtree(args.output)
     temporary.rename(args.output)
+    Path("docs", f"model_card_{args.output.name.replace('-', '_')}.md").write_text(text)
 
     bundled = DiffuseRegPipeline.from_pretrained(args.output).denoiser.state_dict()
     error = max(float((bundled[name].float() - tensor.float()).abs().max()) for name, tensor in original.items())
