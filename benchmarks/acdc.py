@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shlex
 import sys
 import tempfile
 import time
@@ -196,7 +197,7 @@ def main() -> None:
     settings = {"data": str(args.data), "split": args.split, "cases": dataset.names, "model": args.model,
                 "seed": args.seed, "threads": args.threads, "denoiser_forward_seconds": forward,
                 "sampling_time_over_steps_x_forward": overhead, "peak_rss_mib": peak_rss_mib(),
-                "torch": torch.__version__, "command": " ".join(sys.argv)}
+                "torch": torch.__version__, "command": shlex.join(sys.argv)}
     if args.curve_steps > 0:
         settings["curve"] = dice_curve(pipe, dataset, args.curve_steps, args.seed, args.output)
     summaries = write_evaluation(args.output, rows, settings)

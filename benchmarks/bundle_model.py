@@ -196,6 +196,10 @@ def main() -> None:
     pipe.denoiser.to(getattr(torch, args.dtype))
     text = card(args.name, pipe, diffusion, teacher, diffusion_log, teacher_log, benchmark, provenance)
     pipe.save_pretrained(temporary, model_card=text)
+    for config_file in temporary.rglob("*.json"):  # no path of this machine in a shipped config
+        config = json.loads(config_file.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     records = temporary / "training"
     records.mkdir()
     shutil.copy(args.run / "config.yaml", records / "diffusion_config.yaml")

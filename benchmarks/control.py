@@ -1,7 +1,7 @@
 """Control you can measure: guidance, early stopping and uncertainty on ACDC validation cases.
 
 Run (from the repository root, ACDC beside the checkout); the defaults are the settings of the
-published run, ``benchmarks/results/control_val10_v2`` (the uncertainty section was published from
+published run, ``benchmarks/results/control_val10_v2`` on the paper-recipe model (the uncertainty section was published from
 a separate run, ``--sections smoothness uncertainty``):
 
     python benchmarks/control.py
@@ -541,7 +541,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data/acdc/training"), help="ACDC training folder")
     parser.add_argument("--patients", type=int, nargs="+", help="only these validation patient numbers")
-    parser.add_argument("--model", default="diffusereg/acdc-2d")
+    parser.add_argument("--model", default="diffusereg/acdc-2d-paper")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/control_val10_v2"))
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(PUBLISHED_SECTIONS))
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps of every configuration")

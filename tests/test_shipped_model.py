@@ -102,13 +102,25 @@ def clean_estimate(pipe, fixed: torch.Tensor, moving: torch.Tensor, start: torch
     return pipe.normalizer.denormalize(denoised.clean)
 
 
+PAPER_IGNORES_IMAGES = pytest.mark.xfail(
+    strict=True, reason="the paper recipe's known defect (docs/evaluation.md): below t ~ 1200 its denoiser returns "
+                        "the field it is given; strict, so a fix shows up as XPASS")
+
+
+REFINE_CORRECTS_TOO_LITTLE = pytest.mark.xfail(
+    strict=True, reason="the refine model passes the zero half (it registers from zero at t = 600) but brings a "
+                        "wrong field only 18 % of the way back, not half (docs/evaluation.md)")
+
+
 @pytest.mark.acdc
-def test_the_denoiser_reads_the_images_at_low_noise(acdc_root: Path) -> None:
+@pytest.mark.parametrize("model", [pytest.param(SHIPPED, marks=REFINE_CORRECTS_TOO_LITTLE),
+                                   pytest.param("diffusereg/acdc-2d-paper", marks=PAPER_IGNORES_IMAGES)])
+def test_the_denoiser_reads_the_images_at_low_noise(acdc_root: Path, model: str) -> None:
     """The probe of a denoiser that ignores its images, at t = 600 on eight labelled slices of
     patient 050 (the right field: the bundled teacher's): given another slice's field, the
     estimate comes at least halfway back to the right field; given zero, it is at least half as
     large as the right field."""
-    pipe = DiffuseRegPipeline.from_pretrained(SHIPPED)
+    pipe = DiffuseRegPipeline.from_pretrained(model)
     dataset = ACDCDataset(acdc_root, split="val", spatial_dims=3, patients=[50], preprocessing=pipe.preprocessing)
     pair = dataset.preprocessed(0)
     labelled = np.flatnonzero((pair.fixed_labels > 0).any(axis=(1, 2)))

@@ -30,7 +30,7 @@ def _sampling_options() -> argparse.ArgumentParser:
     group = options.add_argument_group("model and sampling")
     group.add_argument("--model", default=DEFAULT_MODEL,
                        help=f"pipeline folder (save_pretrained output) or Hugging Face Hub id (default: {DEFAULT_MODEL})")
-    group.add_argument("--steps", type=int, default=10, metavar="K", help="sampling steps (default: 10)")
+    group.add_argument("--steps", type=int, default=5, metavar="K", help="sampling steps (default: 5)")
     group.add_argument("--scheduler", choices=("ddim", "ddpm"), default="ddim",
                        help="ddim: deterministic (default); ddpm: ancestral sampling")
     group.add_argument("--guidance", nargs="+", action="extend", default=[], metavar="SPEC",

@@ -74,7 +74,7 @@ class DiffuseRegPipeline(DiffusionPipeline):
         >>> import torch
         >>> from diffusereg import DiffuseRegPipeline, SmoothnessGuidance, EarlyStopping
         >>> pipe = DiffuseRegPipeline.from_pretrained("diffusereg/acdc-2d")
-        >>> out = pipe("fixed.nii.gz", "moving.nii.gz", num_inference_steps=10,
+        >>> out = pipe("fixed.nii.gz", "moving.nii.gz", num_inference_steps=5,
         ...            guidance=[SmoothnessGuidance()], callback_on_step_end=EarlyStopping(),
         ...            generator=torch.Generator().manual_seed(0))
         >>> out.field.shape  # (3, D, H, W), voxels of the fixed image
@@ -287,7 +287,7 @@ class DiffuseRegPipeline(DiffusionPipeline):
         self,
         fixed: Any,
         moving: Any = None,
-        num_inference_steps: int = 10,
+        num_inference_steps: int = 5,
         guidance: Sequence[Guide | GuidanceFunction] | None = None,
         callback_on_step_end: Callable | Sequence[Callable] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("x0",),
@@ -310,7 +310,7 @@ class DiffuseRegPipeline(DiffusionPipeline):
                 slice in one batch (zero displacement across slices). Or ``fixed`` is a
                 :class:`~diffusereg.pipelines.layout.ModelGridBatch` from :meth:`prepare_batch`
                 (checked already) and ``moving`` and ``moving_labels`` are None.
-            num_inference_steps: sampling steps (default 10).
+            num_inference_steps: sampling steps.
             guidance: guides (see :mod:`diffusereg.guidance`) or plain functions
                 ``(field, fixed, moving) -> loss``; each acts in its own range of steps.
             callback_on_step_end: ``callback(pipe, step, timestep, callback_kwargs) -> dict`` or a

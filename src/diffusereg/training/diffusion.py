@@ -107,9 +107,10 @@ class DiffusionStage(Stage):
             model = DiffuseRegDenoiser.from_pretrained(resolve_model(self.config.init_weights), subfolder="denoiser",
                                                        dtype=torch.float32, **overrides)
             self._check_pretrained(model)
-        if self.refine and model.config.prediction_type != "increment":
-            raise ConfigError("loss.recipe: refine trains a denoiser that refines its estimate: set "
-                              f"model.prediction_type: increment (got {model.config.prediction_type!r})")
+        if self.refine != (model.config.prediction_type == "increment"):
+            raise ConfigError("loss.recipe: refine and model.prediction_type: increment go together (a denoiser that "
+                              f"refines its estimate); got recipe {self.config.loss.recipe!r}, prediction_type "
+                              f"{model.config.prediction_type!r}")
         self.model_config = model.config
         self.normalizer = FieldNormalizer.from_config(model.config)
         return model
