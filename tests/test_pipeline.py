@@ -24,7 +24,7 @@ from diffusereg.losses import gradient_loss, ssim_loss
 from diffusereg.models import DiffuseRegDenoiser
 from diffusereg.pipelines import DiffuseRegPipeline
 from diffusereg.models import RegistrationNet
-from diffusereg.schedulers import default_scheduler, scheduler_of_kind
+from diffusereg.schedulers import default_scheduler, scheduler_of_kind, scheduler_prediction_type
 from diffusereg.spatial import warp
 from tiny import tiny_denoiser
 
@@ -424,7 +424,10 @@ def test_the_teacher_is_a_component_saved_and_loaded_and_a_start(pair, tmp_path)
     assert DiffuseRegPipeline.from_pretrained(without).teacher is None
 
 
-def test_saved_scheduler_and_denoiser_agree_on_the_prediction_type(tmp_path):
-    """The bundled model and a trained pipeline hand the scheduler what the denoiser predicts."""
-    bundled = DiffuseRegPipeline.from_pretrained("diffusereg/acdc-2d")
-    assert bundled.scheduler.config.prediction_type == bundled.denoiser.config.prediction_type
+@pytest.mark.parametrize("model", ["diffusereg/acdc-2d", "diffusereg/acdc-2d-paper"])
+def test_saved_scheduler_and_denoiser_agree_on_the_prediction_type(model):
+    """A bundled model's scheduler is handed what its denoiser predicts (the clean field for a
+    denoiser that refines its estimate)."""
+    bundled = DiffuseRegPipeline.from_pretrained(model)
+    expected = scheduler_prediction_type(bundled.denoiser.config.prediction_type)
+    assert bundled.scheduler.config.prediction_type == expected

@@ -40,7 +40,6 @@ def scheduler_prediction_type(prediction_type: str) -> str:
     return "sample" if prediction_type == "increment" else prediction_type
 
 
-
 def default_scheduler(kind: str = "ddim", prediction_type: str = "epsilon") -> DDIMScheduler | DDPMScheduler:
     """The paper's noise schedule: linear betas 1e-6 .. 1e-2 over 2000 steps, no sample clipping
     (fields are z-scored, not bounded).
