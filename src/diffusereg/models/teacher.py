@@ -76,7 +76,7 @@ class RegistrationNet(ModelMixin, ConfigMixin):
         _, field = self.voxelmorph(moving, fixed)
         return field
 
-    def recursive(self, fixed: Tensor, moving: Tensor, passes: int) -> Tensor:
+    def recursive(self, fixed: Tensor, moving: Tensor, passes: int, one_shot: Tensor | None = None) -> Tensor:
         """The network applied ``passes`` times recursively: warp the moving image by the field so
         far, register the warped image again, compose the fields (a recursive cascade; ``passes=1``
         is the one-shot field).
@@ -84,13 +84,14 @@ class RegistrationNet(ModelMixin, ConfigMixin):
         Args:
             fixed, moving: ``(B, 1, *S)``, intensities in ``[0, 1]``.
             passes: number of passes, at least 1.
+            one_shot: the first pass's field ``self(fixed, moving)`` when the caller has it already.
 
         Returns:
             Displacement ``(B, ndim, *S)`` in voxels on the fixed grid.
         """
         if passes < 1:
             raise ValueError(f"passes must be at least 1, got {passes}")
-        field = self(fixed, moving)
+        field = self(fixed, moving) if one_shot is None else one_shot
         for _ in range(passes - 1):
             field = compose(field, self(fixed, warp(moving, field)))
         return field

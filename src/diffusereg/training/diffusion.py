@@ -171,8 +171,9 @@ class DiffusionStage(Stage):
             -1, *([1] * (fixed.ndim - 1)))
         fixed, moving = torch.where(swap, moving, fixed), torch.where(swap, fixed, moving)
         with torch.no_grad():
-            one_shot = self.teacher(fixed, moving).float()
-            target = self.teacher.recursive(fixed, moving, loss.target_passes).float()
+            one_shot = self.teacher(fixed, moving)
+            target = self.teacher.recursive(fixed, moving, loss.target_passes, one_shot=one_shot).float()
+            one_shot = one_shot.float()
             start = self._starts(model, fixed, moving, one_shot, generator)
         weight = loss.target_weight + (loss.target_weight_final - loss.target_weight) * progress
         return refinement_loss(model, self.model_config, self.scheduler, self.normalizer, fixed, moving, start,
@@ -210,7 +211,7 @@ class DiffusionStage(Stage):
         for t in steps:
             alpha_bar = self.scheduler.alphas_cumprod.to(device)[t]
             noise = torch.randn(estimate.shape, generator=generator, device=device)
-            noisy = alpha_bar.sqrt() * self.normalizer.normalize(estimate) + (1 - alpha_bar).sqrt() * noise
+            noisy = self.scheduler.add_noise(self.normalizer.normalize(estimate), noise, t[None])
             estimate = self.normalizer.denormalize(
                 denoise(model, self.model_config, noisy, t, alpha_bar, self.normalizer, estimate=estimate,
                         fixed=fixed, moving=warp(moving, estimate)).clean)
