@@ -1,21 +1,27 @@
 """Control you can measure: guidance, early stopping and uncertainty on ACDC validation cases.
 
 Run (from the repository root, ACDC beside the checkout); the defaults are the settings of the
-published run, ``benchmarks/results/control_val10_v2`` on the paper-recipe model (the uncertainty section was published from
-a separate run, ``--sections smoothness uncertainty``):
+published run, ``benchmarks/results/control_val`` on the shipped model:
 
     python benchmarks/control.py
 
 Every case of the validation split (``--patients`` to restrict) is registered once per seed
 (``--seeds``) without guidance ("none", ``--steps`` DDIM steps), and every configuration below is
 compared with it on the same case and seed (so the same initial noise); registration and scoring
-follow the paper's protocol (:mod:`diffusereg.evaluation`, model grid, Dice in percent).
+follow the paper's protocol (:mod:`diffusereg.evaluation`, model grid, Dice in percent). Rows
+named ``--guidance SPECS`` use exactly the guides ``diffusereg register --guidance SPECS`` builds.
 
-- smoothness: ``SmoothnessGuidance`` at each of ``--smoothness-scales``: NJD %, JSD, Overall Dice.
+- folds: ``--guidance folds`` (``FoldGuidance``) and ``--guidance smoothness=S`` for each of
+  ``--smoothness-scales``: NJD %, JSD, bending energy, Overall Dice.
+- similarity: ``--guidance similarity`` and ``--guidance similarity folds``; then
+  ``SimilarityGuidance`` with an unsmoothed gradient (``sigma=0``) at ``--raw-similarity-scale``,
+  alone and followed by ``FoldGuidance()``, which shows the fold control where there are folds.
 - organ: ``OrganMaskGuidance(fixed_mask)`` targeting LV, Myo and RV, the mask taken from the fixed
   labels only (what a user with a segmentation of the fixed image has), at each of
   ``--organ-scales``; and, in separate rows, ``OrganMaskGuidance(fixed_mask, moving_mask)`` for
-  ``--organ-both-targets``. Dice of the targeted structure and of the two others.
+  ``--organ-both-targets``. The guiding fixed mask is the ground truth that the targeted
+  structure's Dice is scored with; the two other structures (``d_others``) and the image
+  similarity (``d_SSIM``) are scored with nothing the guide saw.
 - direction: ``DirectionGuidance`` asking the mean displacement inside the fixed ``--direction-region``
   to be the unguided one plus ``--direction-offset`` voxels (in-plane, rows and columns); angle
   (degrees) and relative magnitude error of the achieved mean against the prescribed one.
@@ -25,16 +31,17 @@ follow the paper's protocol (:mod:`diffusereg.evaluation`, model grid, Dice in p
   replayed on the recorded clean-field estimates: DDIM sampling is deterministic and the steps
   before a stop are the same with or without it, so the replay returns exactly the field a
   stopped run returns.
-- uncertainty: ``num_samples=--num-samples``; Spearman correlation between the mean uncertainty
-  magnitude inside each structure (LV, Myo, RV of the fixed labels) and that structure's Dice error
-  (1 - Dice), pooled over cases and structures; and per case the point-biserial correlation between
-  the voxel uncertainty magnitude and label disagreement (warped moving labels != fixed labels) in
-  the heart (fixed or warped labels > 0) dilated in-plane by ``--heart-margin`` voxels.
+- uncertainty: ``num_samples=--num-samples`` (``register --samples``); Spearman correlation between
+  the mean uncertainty magnitude inside each structure (LV, Myo, RV of the fixed labels) and that
+  structure's Dice error (1 - Dice), pooled over cases and structures; and per case the
+  point-biserial correlation between the voxel uncertainty magnitude and label disagreement
+  (warped moving labels != fixed labels) in the heart (fixed or warped labels > 0) dilated
+  in-plane by ``--heart-margin`` voxels.
 
 Cost per case and seed, counted in ``--steps``-step single-sample registrations: 1 (none)
-+ smoothness scales + 3 x organ scales + organ-both targets + direction scales
-+ early-stopping-steps / steps (+ num-samples for the uncertainty section); 14 with the defaults
-(the first four sections). ``--sections`` picks sections.
++ 1 + smoothness scales + 4 (similarity) + 3 x organ scales + organ-both targets + direction
+scales + early-stopping-steps / steps + num-samples; 19 with the defaults. ``--sections`` picks
+sections.
 
 Writes to ``--output``: ``control.json`` (settings, per-case rows, summaries, correlations and
 seconds per section), ``control.md`` (one table per kind of control, also printed) and one PNG per
@@ -69,22 +76,25 @@ from tqdm.auto import tqdm
 from diffusereg.callbacks import EarlyStopping, TrajectoryRecorder
 from diffusereg.data import ACDCDataset, PreprocessedPair
 from diffusereg.evaluation import RegistrationResult, pipeline_registrar, score_case, summarize, summary_markdown
-from diffusereg.guidance import DirectionGuidance, Guide, OrganMaskGuidance, SmoothnessGuidance
+from diffusereg.guidance import (DirectionGuidance, FoldGuidance, Guide, GuidanceSpec, OrganMaskGuidance,
+                                 SimilarityGuidance, build_guides)
 from diffusereg.io import write_atomically
 from diffusereg.metrics import ACDC_LABELS, acdc_dice
 from diffusereg.pipelines import DiffuseRegPipeline
 from diffusereg.schedulers import scheduler_of_kind
-from diffusereg.spatial import jacobian_determinant, warp_labels
+from diffusereg.losses import gradient_loss, ssim_loss
+from diffusereg.spatial import jacobian_determinant, warp, warp_labels
 from diffusereg.visualize import LABEL_COLOURS
 
-SECTIONS = ("smoothness", "organ", "direction", "early-stopping", "uncertainty")
-PUBLISHED_SECTIONS = ("smoothness", "organ", "direction", "early-stopping")
-"""The sections of the published run (the default of ``--sections``)."""
+SECTIONS = ("folds", "similarity", "organ", "direction", "early-stopping", "uncertainty")
 ORGANS = ("LV", "Myo", "RV")
 
 SECTION_COLUMNS: dict[str, tuple[str, ...]] = {
-    "smoothness": ("Overall", "d_Overall", "NJD_percent", "d_NJD_percent", "JSD", "d_JSD", "field_change"),
-    "organ": ("LV", "Myo", "RV", "Overall", "d_target", "d_others", "d_Overall", "NJD_percent", "field_change"),
+    "folds": ("Overall", "d_Overall", "NJD_percent", "d_NJD_percent", "JSD", "d_JSD", "bending", "d_bending",
+              "field_change", "seconds"),
+    "similarity": ("Overall", "d_Overall", "NJD_percent", "d_NJD_percent", "SSIM", "d_SSIM", "field_change", "seconds"),
+    "organ": ("LV", "Myo", "RV", "Overall", "d_target", "d_others", "d_Overall", "d_SSIM", "NJD_percent",
+              "field_change"),
     "direction": ("angle_error_deg", "magnitude_error", "residual_voxels", "Overall", "d_Overall", "NJD_percent",
                   "field_change"),
     "early-stopping": ("steps_run", "steps_saved_percent", "Overall", "d_Overall", "NJD_percent", "field_change"),
@@ -93,10 +103,13 @@ SECTION_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 """Table columns of each section. ``d_<c>``: the configuration minus its reference on the same case
 and seed (none; the full schedule for early stopping). ``field_change``: mean length of the field
-difference to that reference inside the fixed heart, voxels. ``magnitude_error``: |achieved| /
+difference to that reference inside the fixed heart, voxels. ``bending``: mean squared in-plane
+field gradient (voxels^2, :func:`~diffusereg.losses.gradient_loss`). ``SSIM``: SSIM in percent of
+the warped moving image and the fixed image (window 9, slice by slice). ``magnitude_error``: |achieved| /
 |prescribed| - 1. ``uncertainty_<s>``: mean uncertainty magnitude inside structure ``s``, voxels."""
 
-PRECISE_COLUMNS = ("NJD_percent", "d_NJD_percent", "JSD", "d_JSD", "field_change", "magnitude_error",
+PRECISE_COLUMNS = ("NJD_percent", "d_NJD_percent", "JSD", "d_JSD", "bending", "d_bending", "field_change",
+                   "magnitude_error",
                    "uncertainty_heart", "uncertainty_LV", "uncertainty_Myo", "uncertainty_RV", "voxel_r")
 
 
@@ -145,9 +158,15 @@ def warped_labels(pair: PreprocessedPair, field: np.ndarray) -> np.ndarray:
 
 
 def scored(case: Case, config: str, result: RegistrationResult, seconds: float) -> Run:
-    """Score ``result`` on ``case`` with the evaluation protocol; the row gets ``config`` and ``seed``."""
+    """Score ``result`` on ``case`` with the evaluation protocol; the row gets ``config``, ``seed``,
+    ``SSIM`` (%) and ``bending`` (see :data:`SECTION_COLUMNS`)."""
     row = score_case(case.pair, result, case.name, case.group, seconds)
-    row.update(config=config, seed=case.seed)
+    field = torch.from_numpy(np.asarray(result.field, dtype=np.float32))[None]  # (1, 3, D, H, W)
+    warped = warp(torch.from_numpy(case.pair.moving)[None, None], field)[0].movedim(1, 0)  # (D, 1, H, W)
+    fixed = torch.from_numpy(case.pair.fixed)[:, None]
+    in_plane = field[0, 1:].movedim(1, 0)  # (D, 2, H, W)
+    row.update(config=config, seed=case.seed, SSIM=100.0 * (1.0 - float(ssim_loss(warped, fixed))),
+               bending=float(gradient_loss(in_plane)))
     return Run(result, row)
 
 
@@ -176,10 +195,10 @@ def differences(run: Run, reference: Run, case: Case, columns: Sequence[str]) ->
     return out
 
 
-def guided(pipe: DiffuseRegPipeline, case: Case, none: Run, config: str, steps: int, guide: Guide,
+def guided(pipe: DiffuseRegPipeline, case: Case, none: Run, config: str, steps: int, guide: Guide | list[Guide],
            columns: Sequence[str]) -> Run:
-    """Register ``case`` with one guide and add its :func:`differences` to the unguided run ``none``."""
-    run = register(pipe, case, config, steps, guidance=[guide])
+    """Register ``case`` with a guide (or several, in turn) and add its :func:`differences` to the unguided run ``none``."""
+    run = register(pipe, case, config, steps, guidance=guide if isinstance(guide, list) else [guide])
     run.row.update(differences(run, none, case, columns))
     return run
 
@@ -256,11 +275,31 @@ def json_ready(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- sections
-def smoothness_runs(pipe: DiffuseRegPipeline, case: Case, none: Run, args: argparse.Namespace) -> list[Run]:
-    """None, then ``SmoothnessGuidance`` at every scale."""
-    return [none] + [guided(pipe, case, none, f"smoothness {scale:g}", args.steps, SmoothnessGuidance(scale=scale),
-                            ("Overall", "NJD_percent", "JSD"))
-                     for scale in args.smoothness_scales]
+def cli_guides(specs: str) -> list[Guide]:
+    """The guides ``diffusereg register --guidance SPECS`` uses (``specs`` space-separated, no labels)."""
+    return build_guides([GuidanceSpec.parse(text) for text in specs.split()], None)
+
+
+def folds_runs(pipe: DiffuseRegPipeline, case: Case, none: Run, args: argparse.Namespace) -> list[Run]:
+    """None, the fold control as ``--guidance folds`` gives it, and ``SmoothnessGuidance`` at every scale."""
+    columns = ("Overall", "NJD_percent", "JSD", "bending")
+    runs = [none, guided(pipe, case, none, "--guidance folds", args.steps, cli_guides("folds"), columns)]
+    return runs + [guided(pipe, case, none, f"--guidance smoothness={scale:g}", args.steps,
+                          cli_guides(f"smoothness={scale:g}"), columns) for scale in args.smoothness_scales]
+
+
+def similarity_runs(pipe: DiffuseRegPipeline, case: Case, none: Run, args: argparse.Namespace) -> list[Run]:
+    """None; ``--guidance similarity`` without and with ``folds`` (the defaults a user gets); and
+    the unsmoothed gradient (``SimilarityGuidance(sigma=0)``) at ``--raw-similarity-scale``, alone
+    and followed by the default ``FoldGuidance``: fold control where there are folds to remove."""
+    columns = ("Overall", "NJD_percent", "SSIM")
+    runs = [none] + [guided(pipe, case, none, f"--guidance {specs}", args.steps, cli_guides(specs), columns)
+                     for specs in ("similarity", "similarity folds")]
+    raw = SimilarityGuidance(scale=args.raw_similarity_scale, sigma=0.0)
+    name = f"SimilarityGuidance(scale={args.raw_similarity_scale:g}, sigma=0)"
+    runs.append(guided(pipe, case, none, name, args.steps, raw, columns))
+    runs.append(guided(pipe, case, none, f"{name} + FoldGuidance()", args.steps, [raw, FoldGuidance()], columns))
+    return runs
 
 
 def organ_runs(pipe: DiffuseRegPipeline, case: Case, none: Run, args: argparse.Namespace) -> list[Run]:
@@ -274,7 +313,7 @@ def organ_runs(pipe: DiffuseRegPipeline, case: Case, none: Run, args: argparse.N
         moving_mask = label_mask(case.pair.moving_labels, target) if both else None
         config = f"{target}: {'fixed+moving masks' if both else 'fixed mask'}, scale {scale:g}"
         run = guided(pipe, case, none, config, args.steps, OrganMaskGuidance(fixed_mask, moving_mask, scale=scale),
-                     ("Overall", *ORGANS))
+                     ("Overall", "SSIM", *ORGANS))
         others = [run.row[f"d_{other}"] for other in ORGANS if other != target]
         run.row.update(target=target, d_target=run.row[f"d_{target}"], d_others=float(np.mean(others)))
         runs.append(run)
@@ -335,8 +374,9 @@ def uncertainty_runs(pipe: DiffuseRegPipeline, case: Case, none: Run, args: argp
     return [none, run]
 
 
-SECTION_RUNS: dict[str, Section] = {"smoothness": smoothness_runs, "organ": organ_runs, "direction": direction_runs,
-                                    "early-stopping": early_stopping_runs, "uncertainty": uncertainty_runs}
+SECTION_RUNS: dict[str, Section] = {"folds": folds_runs, "similarity": similarity_runs, "organ": organ_runs,
+                                    "direction": direction_runs, "early-stopping": early_stopping_runs,
+                                    "uncertainty": uncertainty_runs}
 
 
 def uncertainty_correlations(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -419,7 +459,7 @@ def save_figure(figure: Figure, path: Path) -> None:
     write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=110, bbox_inches="tight"))
 
 
-def smoothness_figure(view: FigureSlice, runs: list[Run], args: argparse.Namespace) -> Figure:
+def jacobian_figure(view: FigureSlice, runs: list[Run], args: argparse.Namespace) -> Figure:
     """Jacobian determinant of each run's field on the slice; folds (det <= 0) outlined in black."""
     figure, axes = new_figure(len(runs), f"{view.case.name}, slice {view.depth}: Jacobian determinant "
                                          "(blue < 1 < red; black: det <= 0)")
@@ -532,7 +572,7 @@ def uncertainty_figure(view: FigureSlice, runs: list[Run], args: argparse.Namesp
 
 
 FIGURES: dict[str, Callable[[FigureSlice, list[Run], argparse.Namespace], Figure]] = {
-    "smoothness": smoothness_figure, "organ": organ_figure, "direction": direction_figure,
+    "folds": jacobian_figure, "similarity": jacobian_figure, "organ": organ_figure, "direction": direction_figure,
     "early-stopping": early_stopping_figure, "uncertainty": uncertainty_figure}
 
 
@@ -541,12 +581,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data/acdc/training"), help="ACDC training folder")
     parser.add_argument("--patients", type=int, nargs="+", help="only these validation patient numbers")
-    parser.add_argument("--model", default="diffusereg/acdc-2d-paper")
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/control_val10_v2"))
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(PUBLISHED_SECTIONS))
-    parser.add_argument("--steps", type=int, default=10, help="DDIM steps of every configuration")
+    parser.add_argument("--model", default="diffusereg/acdc-2d")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/control_val"))
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--steps", type=int, default=5, help="DDIM steps of every configuration")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="initial-noise seeds, the same for all")
-    parser.add_argument("--smoothness-scales", type=float, nargs="+", default=[0.3, 1.0, 3.0])
+    parser.add_argument("--smoothness-scales", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--raw-similarity-scale", type=float, default=1.0,
+                        help="scale of the unsmoothed SimilarityGuidance rows")
     parser.add_argument("--organ-scales", type=float, nargs="+", default=[100.0], help="fixed-mask OrganMaskGuidance")
     parser.add_argument("--organ-both-targets", nargs="*", choices=ORGANS, default=["LV"],
                         help="structures also guided with fixed and moving masks")
@@ -555,7 +597,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--direction-offset", type=float, nargs=2, default=[0.0, 2.0], metavar=("ROWS", "COLUMNS"),
                         help="prescribed change of the region's mean displacement, voxels along H and W")
     parser.add_argument("--direction-scales", type=float, nargs="+", default=[0.5])
-    parser.add_argument("--early-stopping-steps", type=int, default=50, help="the long schedule")
+    parser.add_argument("--early-stopping-steps", type=int, default=10, help="the long schedule")
     parser.add_argument("--early-stopping-tolerances", type=float, nargs="+", default=[0.01, 0.02, 0.05],
                         help="voxels")
     parser.add_argument("--early-stopping-patience", type=int, default=2)

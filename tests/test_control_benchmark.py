@@ -79,6 +79,17 @@ def test_every_section_runs_on_one_case_and_writes_finite_numbers(control: Modul
             for column in set(control.SECTION_COLUMNS[section]) & set(row):
                 assert row[column] is not None and math.isfinite(row[column]), (section, row["config"], column)
 
+    folds = {row["config"]: row for row in report["sections"]["folds"]["rows"]}
+    assert set(folds) == {"none", "--guidance folds", "--guidance smoothness=0.05"}
+    similarity = {row["config"]: row for row in report["sections"]["similarity"]["rows"]}
+    raw = "SimilarityGuidance(scale=1, sigma=0)"
+    assert set(similarity) == {"none", "--guidance similarity", "--guidance similarity folds", raw,
+                               f"{raw} + FoldGuidance()"}
+    for fold_free in (folds["--guidance folds"], similarity["--guidance similarity folds"],
+                      similarity[f"{raw} + FoldGuidance()"]):
+        assert fold_free["NJD_percent"] == 0.0
+    assert all(0 <= row["SSIM"] <= 100 for row in similarity.values())
+
     rows = {row["config"]: row for row in report["sections"]["organ"]["rows"]}
     assert set(rows) == {"none", "LV: fixed mask, scale 1", "Myo: fixed mask, scale 1", "RV: fixed mask, scale 1",
                          "LV: fixed+moving masks, scale 1"}
@@ -100,7 +111,7 @@ def test_every_section_runs_on_one_case_and_writes_finite_numbers(control: Modul
 
 
 def test_defaults_are_the_settings_of_the_published_run(control: ModuleType) -> None:
-    published = SCRIPT.parent / "results" / "control_val10_v2" / "control.json"
+    published = SCRIPT.parent / "results" / "control_val" / "control.json"
     settings = json.loads(published.read_text())["settings"]
     defaults = {key: str(value) if isinstance(value, Path) else value
                 for key, value in vars(control.parse_args([])).items()}

@@ -15,17 +15,21 @@ import torch
 from diffusereg.callbacks import EarlyStopping, TrajectoryRecorder
 from diffusereg.guidance import (
     DirectionGuidance,
+    FoldGuidance,
     FunctionGuide,
+    GuidanceSpec,
     OrganMaskGuidance,
     SimilarityGuidance,
     SmoothnessGuidance,
+    build_guides,
 )
 from diffusereg.losses import gradient_loss, ssim_loss
+from diffusereg.metrics import njd_percent
 from diffusereg.models import DiffuseRegDenoiser
 from diffusereg.pipelines import DiffuseRegPipeline
 from diffusereg.models import RegistrationNet
 from diffusereg.schedulers import default_scheduler, scheduler_of_kind, scheduler_prediction_type
-from diffusereg.spatial import warp
+from diffusereg.spatial import jacobian_determinant, warp
 from tiny import tiny_denoiser
 
 SIZE = 32
@@ -220,6 +224,52 @@ def test_similarity_guidance_and_a_user_function_raise_similarity(pipe2d, pair):
     assert dissimilarity(guided) < dissimilarity(plain)
 
 
+def test_fold_guidance_removes_every_fold_and_leaves_a_fold_free_field_as_it_is():
+    torch.manual_seed(0)
+    folding = 3.0 * torch.randn(2, 2, 24, 24)
+    image = torch.rand(2, 1, 24, 24)
+    assert (jacobian_determinant(folding) <= 0).float().mean() > 0.2
+    repaired = FoldGuidance().correct(folding, image, image)
+    assert not (jacobian_determinant(repaired) <= 0).any()
+    smooth = 0.5 * torch.sin(torch.linspace(0, 3, 24))[None, None, :, None].expand(2, 2, 24, 24).clone()
+    assert torch.equal(FoldGuidance().correct(smooth, image, image), smooth)
+
+
+def test_similarity_guidance_with_fold_guidance_after_it_returns_a_fold_free_field(pipe2d, pair):
+    fixed, moving = pair
+    folds = lambda field: int((jacobian_determinant(field[None]) <= 0).sum())  # noqa: E731
+    strong = SimilarityGuidance(scale=300.0, sigma=0.0)
+    plain, guided = _guided(pipe2d, pair, strong)
+    assert folds(guided[0]) > 0
+    repaired = pipe2d(fixed, moving, num_inference_steps=4, generator=seed(),
+                      guidance=[strong, FoldGuidance()]).field
+    assert folds(repaired) == 0
+
+
+def test_similarity_guidance_smooths_its_gradient():
+    torch.manual_seed(0)
+    fixed, moving = torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32)
+    field = torch.zeros(1, 2, 32, 32)
+
+    def roughness(guide):
+        step = field - guide.correct(field, fixed, moving)
+        return float(gradient_loss(step) / step.pow(2).mean())
+
+    assert roughness(SimilarityGuidance(sigma=2.0)) < 0.2 * roughness(SimilarityGuidance(sigma=0.0))
+
+
+def test_guidance_specs_read_what_the_command_line_writes():
+    assert GuidanceSpec.parse("similarity") == GuidanceSpec("similarity", SimilarityGuidance().scale)
+    assert GuidanceSpec.parse("similarity=0.5").scale == 0.5
+    for text in ("smoothness=1", "similarity=3", "folds", "organ=3:0.5"):
+        assert str(GuidanceSpec.parse(text)) == text
+    guides = build_guides([GuidanceSpec.parse(text) for text in ("folds", "similarity")], None)
+    assert [type(guide) for guide in guides] == [SimilarityGuidance, FoldGuidance]  # folds last
+    for bad in ("folds=2", "smoothness", "blur=1", "organ=x"):
+        with pytest.raises(ValueError, match="guidance"):
+            GuidanceSpec.parse(bad)
+
+
 def test_guidance_acts_only_in_its_range(pipe2d, pair):
     fixed, moving = pair
     plain = pipe2d(fixed, moving, num_inference_steps=4, generator=seed()).field
@@ -303,8 +353,9 @@ def test_hub_offline_load_equals_local_load(pipe2d, pair, tmp_path):
     assert np.array_equal(np.load(tmp_path / "hub_field.npy"), expected.numpy())
 
 
-def test_images_with_geometry_come_back_on_the_fixed_grid(tmp_path):
-    """File inputs: preprocessing to the model grid, outputs on the fixed image's own grid."""
+def _files_with_geometry(tmp_path: Path):
+    """A tiny 2D pipeline and fixed/moving files (plus a label Image) on an anisotropic, oblique,
+    off-origin grid of shape (D, H, W) = (6, 30, 28)."""
     import SimpleITK as sitk
 
     from diffusereg.io import Image, write_image
@@ -313,7 +364,7 @@ def test_images_with_geometry_come_back_on_the_fixed_grid(tmp_path):
                               model_spacing=(1.5, 1.5, 3.15), model_size=(32, 32, 32))
     pipe.set_progress_bar_config(disable=True)
     rng = np.random.default_rng(0)
-    shape = (6, 30, 28)  # (D, H, W): anisotropic, oblique, off-origin
+    shape = (6, 30, 28)
     direction = tuple(sitk.VersorTransform((0.0, 0.0, 1.0), 0.3).GetMatrix())
     geometry = dict(spacing=(1.6, 1.4, 8.0), origin=(-20.0, 13.5, 4.0), direction=direction)
     fixed = Image(array=rng.random(shape).astype(np.float32), **geometry)
@@ -321,14 +372,31 @@ def test_images_with_geometry_come_back_on_the_fixed_grid(tmp_path):
     labels = Image(array=(rng.random(shape) > 0.5).astype(np.int16), **geometry)
     write_image(fixed, tmp_path / "fixed.nii.gz")
     write_image(moving, tmp_path / "moving.mha")
+    return pipe, tmp_path / "fixed.nii.gz", tmp_path / "moving.mha", labels
 
-    out = pipe(tmp_path / "fixed.nii.gz", tmp_path / "moving.mha", moving_labels=labels,
-               num_inference_steps=2, generator=seed())
-    assert out.field.shape == (3, *shape)
-    assert out.warped.shape == shape and out.warped_labels.shape == shape
+
+def test_images_with_geometry_come_back_on_the_fixed_grid(tmp_path):
+    """File inputs: preprocessing to the model grid, outputs on the fixed image's own grid."""
+    from diffusereg.io import read_image
+
+    pipe, fixed, moving, labels = _files_with_geometry(tmp_path)
+    out = pipe(fixed, moving, moving_labels=labels, num_inference_steps=2, generator=seed())
+    assert out.field.shape == (3, 6, 30, 28)
+    assert out.warped.shape == (6, 30, 28) and out.warped_labels.shape == (6, 30, 28)
     assert set(out.warped_labels.unique().tolist()) <= {0, 1}
-    assert out.grid.same_as(fixed.grid)
+    assert out.grid.same_as(read_image(fixed).grid)
     assert torch.count_nonzero(out.field[0]) == 0  # 2D model: nothing moves across slices
+
+
+def test_fold_guidance_holds_on_the_grid_the_field_is_returned_on(pipe2d, pair, tmp_path):
+    """Resampling to the fixed grid and averaging samples can fold a fold-free field; the returned one has no folds."""
+    strong = SimilarityGuidance(scale=300.0, sigma=0.0)
+    pipe, fixed, moving, _ = _files_with_geometry(tmp_path)
+    out = pipe(fixed, moving, num_inference_steps=2, generator=seed(), guidance=[strong, FoldGuidance()])
+    assert njd_percent(pipe(fixed, moving, num_inference_steps=2, generator=seed(), guidance=[strong]).field) > 0
+    assert njd_percent(out.field) == 0.0 and torch.count_nonzero(out.field[0]) == 0
+    mean = pipe2d(*pair, num_inference_steps=2, num_samples=3, generator=seed(), guidance=[strong, FoldGuidance()])
+    assert njd_percent(mean.field[None]) == 0.0
 
 
 def test_a_denoiser_predicting_the_clean_field_is_read_as_such(pair):

@@ -22,6 +22,7 @@ _LAZY = {
     "Guide": "diffusereg.guidance",
     "FunctionGuide": "diffusereg.guidance",
     "SmoothnessGuidance": "diffusereg.guidance",
+    "FoldGuidance": "diffusereg.guidance",
     "DirectionGuidance": "diffusereg.guidance",
     "OrganMaskGuidance": "diffusereg.guidance",
     "SimilarityGuidance": "diffusereg.guidance",

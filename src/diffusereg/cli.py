@@ -34,8 +34,9 @@ def _sampling_options() -> argparse.ArgumentParser:
     group.add_argument("--scheduler", choices=("ddim", "ddpm"), default="ddim",
                        help="ddim: deterministic (default); ddpm: ancestral sampling")
     group.add_argument("--guidance", nargs="+", action="extend", default=[], metavar="SPEC",
-                       help="smoothness=SCALE, similarity=SCALE, organ=LABEL[:SCALE] (organ needs both label maps); "
-                            "several allowed")
+                       help="similarity[=SCALE] (image similarity), folds (no Jacobian determinant <= 0), "
+                            "smoothness=SCALE (less bending), organ=LABEL[:SCALE] (needs both label maps); several "
+                            "allowed, e.g. 'similarity folds'")
     group.add_argument("--samples", type=int, default=1, metavar="N",
                        help="samples per pair: the field is their mean, uncertainty.nii.gz their spread (default: 1)")
     group.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
@@ -277,7 +278,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if any(spec.kind == "organ" for spec in settings.guidance):
         raise RegistrationError("evaluate: organ guidance would use the labels that Dice is scored on; "
-                                "use smoothness= or similarity=")
+                                "use smoothness=, similarity or folds")
     pipe = load_pipeline(args.model, _device(args), allow_pickle=args.trust_pickle_weights)
     if settings.start_from_teacher is not None and pipe.teacher is None:
         raise RegistrationError(f"--start-from-teacher: model {args.model!r} has no one-shot teacher component")

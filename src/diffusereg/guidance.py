@@ -2,10 +2,12 @@
 
 A guide is a differentiable loss of the current estimate of the clean field ``x0`` (the
 field the sampler would return if it stopped now) and of the images. At every active step the
-pipeline takes one gradient step on that loss, ``x0 <- x0 - scale * dL/dx0``, and re-derives
-the noise prediction from the corrected ``x0`` before the scheduler step. This is classifier
-guidance written in the ``x0`` parametrisation (as in universal / DPS-style guidance): the
-correction keeps its size at low noise levels instead of vanishing with ``1 - alpha_bar``.
+pipeline lets each guide correct that estimate in turn (:meth:`Guide.correct`): one gradient step
+``x0 <- x0 - scale * n * dL/dx0`` (``n`` = voxels in the batch), and re-derives the noise
+prediction from the corrected ``x0`` before the scheduler step. This is classifier guidance
+written in the ``x0`` parametrisation (as in universal / DPS-style guidance): the correction keeps
+its size at low noise levels instead of vanishing with ``1 - alpha_bar``. :class:`FoldGuidance`
+is a constraint instead: it steps until the estimate has no folds, so it goes last.
 
 Every guide is called as ``guide(field, fixed, moving) -> loss`` with
 
@@ -19,18 +21,20 @@ A guide that holds masks takes them in the layout of the images it is used with 
 batch item); the pipeline calls :meth:`Guide.bind` once per call to bring them to its batch.
 
 :class:`GuidanceSpec` is a guide as written on the command line (``smoothness=1``,
-``organ=3:0.5``), and :func:`build_guides` turns specs into guides.
+``similarity``, ``folds``, ``organ=3:0.5``), and :func:`build_guides` turns specs into guides.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.networks.layers import GaussianFilter
 
 from diffusereg.losses import gradient_loss, ssim_loss
 from diffusereg.spatial import jacobian_determinant, warp
@@ -43,6 +47,7 @@ __all__ = [
     "Guide",
     "FunctionGuide",
     "SmoothnessGuidance",
+    "FoldGuidance",
     "DirectionGuidance",
     "OrganMaskGuidance",
     "SimilarityGuidance",
@@ -50,6 +55,15 @@ __all__ = [
     "as_guide",
     "build_guides",
 ]
+
+
+def _voxel_gradient(loss: GuidanceFunction, field: torch.Tensor, fixed: torch.Tensor,
+                    moving: torch.Tensor) -> torch.Tensor:
+    """``n * d loss / d field`` with ``n`` the number of voxels in the batch (shape of ``field``)."""
+    with torch.enable_grad():
+        variable = field.detach().requires_grad_(True)
+        (gradient,) = torch.autograd.grad(loss(variable, fixed, moving), variable)
+    return field.shape[0] * math.prod(field.shape[2:]) * gradient
 
 
 @runtime_checkable
@@ -88,6 +102,19 @@ class Guide:
         """Scalar loss of ``field`` (B, ndim, *S) voxels given ``fixed``/``moving`` (B, 1, *S)."""
         raise NotImplementedError
 
+    def correct(self, field: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        """The estimate after this guide's step: ``field - scale * n * dL/dfield`` (``n`` = voxels
+        in the batch, so a loss that is a mean over voxels moves each voxel by ``scale`` times the
+        derivative of its own term); ``field`` (B, ndim, *S) voxels, detached."""
+        return field - self.scale * _voxel_gradient(self.loss, field, fixed, moving)
+
+    def correct_output(self, field: torch.Tensor) -> torch.Tensor:
+        """The returned field, ``(B, ndim, *S)`` voxels of the grid it is returned on (the fixed
+        image's own grid for inputs with geometry; slices as the batch for a volume registered
+        slice by slice), corrected by a guide active at the last step: unchanged, except for
+        constraints that must hold on the result (:class:`FoldGuidance`)."""
+        return field
+
     def __call__(self, field: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         return self.loss(field, fixed, moving)
 
@@ -114,23 +141,63 @@ def as_guide(guide: Guide | GuidanceFunction) -> Guide:
 
 
 class SmoothnessGuidance(Guide):
-    """Prefer smooth, fold-free fields.
+    """Prefer less bending: loss = mean squared forward-difference gradient of the field.
 
-    Loss = mean squared forward-difference gradient of the field
-    ``+ folding_weight * mean(relu(epsilon - det(I + grad u)))``, which penalises Jacobian
-    determinants below ``epsilon``. What the default scale does on ACDC, and from which scale the
-    guidance itself adds folds: ``docs/pipeline.md`` (``benchmarks/control.py``).
+    It makes the whole field smoother; it does not aim at folds (a few voxels with a Jacobian
+    determinant <= 0), which :class:`FoldGuidance` removes. What each does on ACDC:
+    ``docs/pipeline.md`` (``benchmarks/control.py``).
     """
 
-    def __init__(self, scale: float = 1.0, folding_weight: float = 1.0, epsilon: float = 0.05,
+    def loss(self, field: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        return gradient_loss(field)
+
+
+class FoldGuidance(Guide):
+    """Remove folds: raise every Jacobian determinant below ``threshold``.
+
+    Loss = ``mean(relu(threshold - det(I + grad u)))`` with forward differences, the
+    discretisation NJD is counted with (:func:`diffusereg.metrics.njd_percent`). Unlike the other
+    guides, which take one gradient step per sampling step, this one is a constraint: at every
+    active step, and once more on the returned field (:meth:`correct_output`), it repeats gradient steps of
+    size ``scale`` on its loss until no determinant is <= 0 or ``max_iterations`` are done. Only
+    the voxels near a determinant below ``threshold`` move; a fold-free field is returned as it is.
+
+    Args:
+        threshold: determinants below it are pushed up (unitless; 1 = volume kept).
+        scale: step size of each iteration, voxels per unit gradient of one voxel's term.
+        max_iterations: at most this many steps per sampling step.
+    """
+
+    def __init__(self, threshold: float = 0.1, scale: float = 0.2, max_iterations: int = 100,
                  start: float = 0.0, end: float = 1.0) -> None:
         super().__init__(scale, start, end)
-        self.folding_weight = folding_weight
-        self.epsilon = epsilon
+        if max_iterations < 1:
+            raise ValueError(f"FoldGuidance max_iterations must be >= 1, got {max_iterations}")
+        self.threshold = float(threshold)
+        self.max_iterations = int(max_iterations)
 
     def loss(self, field: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        folding = F.relu(self.epsilon - jacobian_determinant(field, method="forward")).mean()
-        return gradient_loss(field) + self.folding_weight * folding
+        return F.relu(self.threshold - jacobian_determinant(field, method="forward")).mean()
+
+    def remove_folds(self, field: torch.Tensor) -> torch.Tensor:
+        """``field`` (B, ndim, *S) voxels with its folds removed (or ``max_iterations`` steps taken)."""
+        for _ in range(self.max_iterations):
+            if not (jacobian_determinant(field, method="forward") <= 0).any():
+                break
+            field = field - self.scale * _voxel_gradient(self.loss, field, field, field)
+        return field
+
+    def correct(self, field: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        return self.remove_folds(field)
+
+    def correct_output(self, field: torch.Tensor) -> torch.Tensor:
+        """Folds removed again on the grid the field is returned on: resampling a fold-free field
+        to another grid, or averaging samples, can fold it."""
+        return self.remove_folds(field)
+
+    def __repr__(self) -> str:
+        return (f"FoldGuidance(threshold={self.threshold}, scale={self.scale}, max_iterations={self.max_iterations}, "
+                f"start={self.start}, end={self.end})")
 
 
 class DirectionGuidance(Guide):
@@ -212,14 +279,38 @@ class OrganMaskGuidance(Guide):
         return (region * (warp(moving, field) - fixed) ** 2).mean()
 
 
-class SimilarityGuidance(Guide):
-    """Prefer a warped moving image that looks like the fixed one: loss ``1 - SSIM`` (window 9)."""
+class _SmoothedGradient(torch.autograd.Function):
+    """Identity forward; the gradient flowing back is blurred by ``blur``."""
 
-    def __init__(self, scale: float = 1.0, kernel_size: int = 9, start: float = 0.0, end: float = 1.0) -> None:
+    @staticmethod
+    def forward(ctx: Any, field: torch.Tensor, blur: torch.nn.Module) -> torch.Tensor:
+        ctx.blur = blur
+        return field.view_as(field)
+
+    @staticmethod
+    def backward(ctx: Any, gradient: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return ctx.blur(gradient), None
+
+
+class SimilarityGuidance(Guide):
+    """Prefer a warped moving image that looks like the fixed one: loss ``1 - SSIM`` (window 9).
+
+    The gradient of SSIM is noisy from voxel to voxel, so taken as it is a step folds the field;
+    with ``sigma > 0`` the gradient is smoothed with a Gaussian of ``sigma`` voxels before the step
+    (a smoothed, Sobolev-type gradient: the step moves regions, not single voxels). Pair it with
+    :class:`FoldGuidance` for a fold-free result (``docs/pipeline.md`` has both measured).
+    """
+
+    def __init__(self, scale: float = 3.0, kernel_size: int = 9, sigma: float = 4.0, start: float = 0.0,
+                 end: float = 1.0) -> None:
         super().__init__(scale, start, end)
         self.kernel_size = kernel_size
+        self.sigma = float(sigma)
 
     def loss(self, field: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        if self.sigma > 0:
+            blur = GaussianFilter(field.ndim - 2, self.sigma).to(field)
+            field = _SmoothedGradient.apply(field, blur)
         return ssim_loss(warp(moving, field), fixed, kernel_size=self.kernel_size)
 
 
@@ -227,9 +318,10 @@ class SimilarityGuidance(Guide):
 class GuidanceSpec:
     """One guide as written on the command line.
 
-    ``smoothness=SCALE`` (:class:`SmoothnessGuidance`), ``similarity=SCALE``
-    (:class:`SimilarityGuidance`) or ``organ=LABEL[:SCALE]`` (:class:`OrganMaskGuidance` on the
-    label value ``LABEL`` of both label maps; scale 1 when omitted).
+    ``smoothness=SCALE`` (:class:`SmoothnessGuidance`), ``similarity[=SCALE]``
+    (:class:`SimilarityGuidance`, its default scale when omitted), ``folds`` (:class:`FoldGuidance`
+    with its defaults) or ``organ=LABEL[:SCALE]`` (:class:`OrganMaskGuidance` on the label value
+    ``LABEL`` of both label maps; scale 1 when omitted).
     """
 
     kind: str
@@ -238,10 +330,12 @@ class GuidanceSpec:
 
     @classmethod
     def parse(cls, text: str) -> GuidanceSpec:
-        """Read ``smoothness=1``, ``similarity=0.5``, ``organ=3`` or ``organ=3:0.5``."""
+        """Read ``smoothness=1``, ``similarity``, ``similarity=0.5``, ``folds``, ``organ=3`` or ``organ=3:0.5``."""
         kind, sep, value = text.partition("=")
-        usage = "use smoothness=SCALE, similarity=SCALE or organ=LABEL[:SCALE]"
+        usage = "use smoothness=SCALE, similarity[=SCALE], folds or organ=LABEL[:SCALE]"
         try:
+            if not sep and kind in DEFAULT_SCALES:
+                return cls(kind, DEFAULT_SCALES[kind])
             if sep and kind in ("smoothness", "similarity"):
                 return cls(kind, float(value))
             if sep and kind == "organ":
@@ -252,22 +346,31 @@ class GuidanceSpec:
         raise ValueError(f"guidance {text!r} not understood; {usage}")
 
     def __str__(self) -> str:
-        return f"organ={self.label}:{self.scale:g}" if self.kind == "organ" else f"{self.kind}={self.scale:g}"
+        if self.kind == "organ":
+            return f"organ={self.label}:{self.scale:g}"
+        return "folds" if self.kind == "folds" else f"{self.kind}={self.scale:g}"
+
+
+DEFAULT_SCALES = {"similarity": SimilarityGuidance().scale, "folds": FoldGuidance().scale}
+"""The scale a spec written without a value gets (``similarity``, ``folds``)."""
 
 
 def build_guides(specs: Sequence[GuidanceSpec], labels: tuple[np.ndarray, np.ndarray] | None) -> list[Guide]:
-    """Guides from their specs; ``labels`` are the fixed and moving label maps in the layout of the
-    images the guides will be used with (needed when a spec is ``organ``).
+    """Guides from their specs, ``folds`` last (it removes what folds the others leave); ``labels``
+    are the fixed and moving label maps in the layout of the images the guides will be used with
+    (needed when a spec is ``organ``).
 
     Raises:
         ValueError: an ``organ`` spec without label maps, or whose label is missing from one.
     """
     guides: list[Guide] = []
-    for spec in specs:
+    for spec in sorted(specs, key=lambda spec: spec.kind == "folds"):
         if spec.kind == "smoothness":
             guides.append(SmoothnessGuidance(scale=spec.scale))
         elif spec.kind == "similarity":
             guides.append(SimilarityGuidance(scale=spec.scale))
+        elif spec.kind == "folds":
+            guides.append(FoldGuidance(scale=spec.scale))
         elif labels is None:
             raise ValueError(f"guidance {spec}: needs --fixed-labels and --moving-labels")
         else:

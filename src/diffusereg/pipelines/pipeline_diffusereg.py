@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,18 +232,12 @@ class DiffuseRegPipeline(DiffusionPipeline):
 
     @staticmethod
     def apply_guidance(field: torch.Tensor, guides: list[Guide], fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        """One guidance step on the clean-field estimate ``field`` (N, ndim, *S), voxels.
-
-        ``field <- field - sum_g scale_g * n * dL_g/dfield`` with ``n`` = the number of voxels in
-        the batch, so a loss written as a mean over voxels moves each voxel by ``scale`` times the
-        derivative of that voxel's own term.
-        """
-        voxels = field.shape[0] * math.prod(field.shape[2:])
-        with torch.enable_grad():
-            variable = field.detach().requires_grad_(True)
-            total = sum(guide.scale * guide(variable, fixed, moving) for guide in guides)
-            (gradient,) = torch.autograd.grad(total, variable)
-        return field - voxels * gradient
+        """The clean-field estimate ``field`` (N, ndim, *S), voxels, corrected by each guide in
+        turn (:meth:`~diffusereg.guidance.Guide.correct`: one gradient step, or for
+        :class:`~diffusereg.guidance.FoldGuidance` as many as it takes to remove the folds)."""
+        for guide in guides:
+            field = guide.correct(field.detach(), fixed, moving)
+        return field
 
     def run_callbacks(self, callbacks: list[Callable], tensor_inputs: Sequence[str], step: int, timestep: torch.Tensor,
                       x0: torch.Tensor, moving: torch.Tensor, batch: ModelGridBatch, num_samples: int) -> torch.Tensor:
@@ -259,10 +252,14 @@ class DiffuseRegPipeline(DiffusionPipeline):
         return batch.samples_from_output(callback_kwargs["x0"]).to(x0) if "x0" in callback_kwargs else x0
 
     def outputs(self, batch: ModelGridBatch, x0: torch.Tensor, num_samples: int, steps_run: int,
-                output_type: str) -> DiffuseRegPipelineOutput:
+                output_type: str, final_guides: Sequence[Guide]) -> DiffuseRegPipelineOutput:
         """Mean and std over samples, warped moving image and labels, all in the caller's layout:
-        the model grid for arrays, the fixed image's own grid for inputs with geometry."""
+        the model grid for arrays, the fixed image's own grid for inputs with geometry. The guides
+        active at the last step correct the returned field on that grid (``Guide.correct_output``)."""
         mean, std = (None if x is None else x.detach().cpu() for x in batch.mean_std(x0, num_samples))
+        if batch.images is None:
+            for guide in final_guides:
+                mean = guide.correct_output(mean)
         field, uncertainty = batch.to_output(mean, True), None if std is None else batch.to_output(std, True)
         if batch.images is None:
             warped = batch.to_output(warp(batch.moving, mean), is_field=False)
@@ -270,7 +267,8 @@ class DiffuseRegPipeline(DiffusionPipeline):
                 warp_labels(batch.moving_labels, mean), is_field=False).to(batch.labels_dtype)
             grid = None
         else:
-            field = torch.from_numpy(batch.field_on_fixed_grid(field))
+            field = self.correct_on_fixed_grid(torch.from_numpy(batch.field_on_fixed_grid(field)), final_guides,
+                                               batch.layout == "slices")
             uncertainty = None if uncertainty is None else torch.from_numpy(batch.field_on_fixed_grid(uncertainty))
             _, warped_array, labels_array = batch.warp_on_fixed_grid(field.numpy())
             warped = torch.from_numpy(warped_array)
@@ -280,6 +278,18 @@ class DiffuseRegPipeline(DiffusionPipeline):
         if output_type == "np":
             tensors = {name: None if x is None else x.numpy() for name, x in tensors.items()}
         return DiffuseRegPipelineOutput(**tensors, num_steps_run=steps_run, grid=grid)
+
+    @staticmethod
+    def correct_on_fixed_grid(field: torch.Tensor, guides: Sequence[Guide], slice_by_slice: bool) -> torch.Tensor:
+        """``field`` ``(ndim, *S)`` on the fixed image's grid (voxels) after each guide's
+        ``correct_output``, which sees it as a batch: its slices ``(D, 2, H, W)`` for a volume
+        registered slice by slice (the across-slice channel stays zero), else ``(1, ndim, *S)``."""
+        if not guides:
+            return field
+        x = field[1:].movedim(1, 0) if slice_by_slice else field[None]
+        for guide in guides:
+            x = guide.correct_output(x)
+        return torch.cat([field[:1], x.movedim(0, 1)]) if slice_by_slice else x[0]
 
     # ------------------------------------------------------------------ the call
     @torch.no_grad()
@@ -372,6 +382,6 @@ class DiffuseRegPipeline(DiffusionPipeline):
             if self.interrupt:
                 break
         # 6. outputs
-        output = self.outputs(batch, x0, num_samples, i + 1, output_type)
+        output = self.outputs(batch, x0, num_samples, i + 1, output_type, active)
         self.maybe_free_model_hooks()
         return output if return_dict else output.to_tuple()

@@ -31,6 +31,7 @@ function guidance() {
   for (const kind of ["smoothness", "similarity"]) {
     if ($(`${kind}-on`).checked) specs.push(`${kind}=${$(`${kind}-scale`).value}`);
   }
+  if ($("folds-on").checked) specs.push("folds");
   for (const box of document.querySelectorAll("#organs input:checked")) {
     specs.push(`organ=${box.value}:${$("organ-scale").value}`);
   }
@@ -88,6 +89,7 @@ function showGuidance(specs) {
     $(`${kind}-on`).checked = Boolean(spec);
     if (spec) setValue(`${kind}-scale`, spec[1]);
   }
+  $("folds-on").checked = specs.includes("folds");
   const organs = parsed.filter(([name]) => name === "organ").map(([, value]) => value.split(":"));
   if (organs.length > 0) setValue("organ-scale", organs[0][1]);
   for (const box of document.querySelectorAll("#organs input")) {
@@ -177,7 +179,7 @@ $("register").addEventListener("click", () => act(() => post("/api/register", {
   guidance: guidance(),
 })));
 $("stop").addEventListener("click", () => act(() => post("/api/stop")));
-for (const id of ["smoothness-on", "smoothness-scale", "similarity-on", "similarity-scale", "organ-scale"]) {
+for (const id of ["smoothness-on", "smoothness-scale", "similarity-on", "similarity-scale", "folds-on", "organ-scale"]) {
   $(id).addEventListener("change", () => act(() => post("/api/guidance", {guidance: guidance()})));
 }
 $("slice").addEventListener("input", () => act(() => post("/api/slice", {slice: Number($("slice").value)})));

@@ -173,8 +173,15 @@ class LiveGuidance(Guide):
             self._guides = [guide.bind(*self._batch) for guide in build_guides(specs, self._labels)]
         return bool(self._guides)
 
-    def loss(self, field: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        return sum(guide.scale * guide(field, fixed, moving) for guide in self._guides)
+    def correct(self, field: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        for guide in self._guides:
+            field = guide.correct(field, fixed, moving)
+        return field
+
+    def correct_output(self, field: torch.Tensor) -> torch.Tensor:
+        for guide in self._guides:
+            field = guide.correct_output(field)
+        return field
 
     def __str__(self) -> str:
         """E.g. ``live: none from step 1, smoothness=0.05 organ=3:1 from step 4``."""
