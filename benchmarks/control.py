@@ -15,7 +15,9 @@ named ``--guidance SPECS`` use exactly the guides ``diffusereg register --guidan
   ``--smoothness-scales``: NJD %, JSD, bending energy, Overall Dice.
 - similarity: ``--guidance similarity`` and ``--guidance similarity folds``; then
   ``SimilarityGuidance`` with an unsmoothed gradient (``sigma=0``) at ``--raw-similarity-scale``,
-  alone and followed by ``FoldGuidance()``, which shows the fold control where there are folds.
+  alone and followed by ``FoldGuidance()``, which shows the fold control where there are folds;
+  and ``SimilarityGuidance(scale, sigma)`` for each of ``--similarity-settings`` (how the defaults
+  were chosen).
 - organ: ``OrganMaskGuidance(fixed_mask)`` targeting LV, Myo and RV, the mask taken from the fixed
   labels only (what a user with a segmentation of the fixed image has), at each of
   ``--organ-scales``; and, in separate rows, ``OrganMaskGuidance(fixed_mask, moving_mask)`` for
@@ -39,7 +41,7 @@ named ``--guidance SPECS`` use exactly the guides ``diffusereg register --guidan
   in-plane by ``--heart-margin`` voxels.
 
 Cost per case and seed, counted in ``--steps``-step single-sample registrations: 1 (none)
-+ 1 + smoothness scales + 4 (similarity) + 3 x organ scales + organ-both targets + direction
++ 1 + smoothness scales + 4 (similarity) + similarity settings + 3 x organ scales + organ-both targets + direction
 scales + early-stopping-steps / steps + num-samples; 19 with the defaults. ``--sections`` picks
 sections.
 
@@ -299,6 +301,9 @@ def similarity_runs(pipe: DiffuseRegPipeline, case: Case, none: Run, args: argpa
     name = f"SimilarityGuidance(scale={args.raw_similarity_scale:g}, sigma=0)"
     runs.append(guided(pipe, case, none, name, args.steps, raw, columns))
     runs.append(guided(pipe, case, none, f"{name} + FoldGuidance()", args.steps, [raw, FoldGuidance()], columns))
+    for scale, sigma in args.similarity_settings:
+        runs.append(guided(pipe, case, none, f"SimilarityGuidance(scale={scale:g}, sigma={sigma:g})", args.steps,
+                           SimilarityGuidance(scale=scale, sigma=sigma), columns))
     return runs
 
 
@@ -577,6 +582,15 @@ FIGURES: dict[str, Callable[[FigureSlice, list[Run], argparse.Namespace], Figure
 
 
 # ---------------------------------------------------------------------------------------------- main
+def scale_and_sigma(text: str) -> tuple[float, float]:
+    """``"3:4"`` -> ``(3.0, 4.0)``, a ``SimilarityGuidance`` scale and gradient sigma (voxels)."""
+    scale, _, sigma = text.partition(":")
+    try:
+        return float(scale), float(sigma)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write SCALE:SIGMA, e.g. 3:4") from None
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data/acdc/training"), help="ACDC training folder")
@@ -589,6 +603,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoothness-scales", type=float, nargs="+", default=[1.0])
     parser.add_argument("--raw-similarity-scale", type=float, default=1.0,
                         help="scale of the unsmoothed SimilarityGuidance rows")
+    parser.add_argument("--similarity-settings", type=scale_and_sigma, nargs="*", default=[], metavar="SCALE:SIGMA",
+                        help="further SimilarityGuidance rows")
     parser.add_argument("--organ-scales", type=float, nargs="+", default=[100.0], help="fixed-mask OrganMaskGuidance")
     parser.add_argument("--organ-both-targets", nargs="*", choices=ORGANS, default=["LV"],
                         help="structures also guided with fixed and moving masks")

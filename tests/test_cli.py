@@ -87,6 +87,9 @@ def test_every_output_overlays_the_fixed_image(registered: Path, patient_files: 
     assert metrics["steps_run"] == 4 and metrics["samples"] == 2 and metrics["seed"] == 0
     assert set(metrics["dice_after"]) == {"LV", "Myo", "LVepi", "RV", "Heart", "Overall"}
     assert {"NJD_percent", "JSD", "time_seconds", "model"} <= set(metrics)
+    uncertainty, fixed_labels = read_image(registered / "uncertainty.nii.gz").array, read_image(patient_files[2]).array
+    assert set(metrics["uncertainty_mm"]) == {"image", "LV", "Myo", "LVepi", "RV", "Heart"}
+    assert metrics["uncertainty_mm"]["LV"] == pytest.approx(float(uncertainty[fixed_labels == 3].mean()), rel=1e-5)
     assert sorted(metrics["outputs"]) == sorted(p.name for p in registered.iterdir())
 
 

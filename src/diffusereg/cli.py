@@ -203,6 +203,9 @@ def _summary(metrics: dict[str, Any], output_dir: Path) -> str:
         rows = [f"{'Dice':<8}{'before':>8}{'after':>8}"] + [
             f"{name:<8}{metrics['dice_before'][name]:>8.3f}{after:>8.3f}" for name, after in metrics["dice_after"].items()]
         table = "\n".join(rows) + "\n"
+    if "uncertainty_mm" in metrics:
+        table += "uncertainty (mm): " + ", ".join(f"{name} {value:.2f}" for name, value in metrics["uncertainty_mm"].items())
+        table += "\n"
     return (table + f"{output_dir}: {metrics['steps_run']} steps in {metrics['time_seconds']:.1f} s, "
             f"folding {metrics['NJD_percent']:.2f} % of voxels")
 

@@ -29,6 +29,7 @@ __all__ = [
     "dice",
     "hd95",
     "jacobian_std",
+    "structure_labels",
     "njd_percent",
     "sdlogj",
     "structure_dice",
@@ -112,13 +113,23 @@ def acdc_dice(pred_labels: ArrayLike, ref_labels: ArrayLike) -> dict[str, float]
     return scores
 
 
-def structure_dice(labels: ArrayLike, reference: ArrayLike) -> dict[str, float]:
-    """Dice of ``labels`` against ``reference`` (integer maps of one shape): per ACDC structure
-    (:func:`acdc_dice`) when both hold only the values 0..3, else per label value (``label_K``)."""
-    values = set(torch.unique(torch.as_tensor(reference)).tolist()) | set(torch.unique(torch.as_tensor(labels)).tolist())
+def structure_labels(*label_maps: ArrayLike) -> dict[str, tuple[int, ...]]:
+    """The structures of integer label maps and their label values: the ACDC structures
+    (:data:`ACDC_STRUCTURES`) when the maps hold only the values 0..3, else one per label value
+    present (``label_K``)."""
+    values = set().union(*(torch.unique(torch.as_tensor(labels)).tolist() for labels in label_maps))
     if values <= {0, *ACDC_LABELS.values()}:
+        return dict(ACDC_STRUCTURES)
+    return {f"label_{int(value)}": (int(value),) for value in sorted(values - {0})}
+
+
+def structure_dice(labels: ArrayLike, reference: ArrayLike) -> dict[str, float]:
+    """Dice of ``labels`` against ``reference`` (integer maps of one shape) per structure of
+    :func:`structure_labels` (with ``Overall``, their mean, for ACDC label maps)."""
+    structures = structure_labels(labels, reference)
+    if structures == ACDC_STRUCTURES:
         return acdc_dice(labels, reference)
-    return {f"label_{int(value)}": dice(labels, reference, int(value)) for value in sorted(values - {0})}
+    return {name: dice(labels, reference, values) for name, values in structures.items()}
 
 
 def hd95(

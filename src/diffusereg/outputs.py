@@ -30,7 +30,7 @@ import torch
 
 from diffusereg.data import resample_to_grid
 from diffusereg.io import Grid, Image, write_atomically, write_displacement_field, write_image
-from diffusereg.metrics import jacobian_std, njd_percent, structure_dice
+from diffusereg.metrics import jacobian_std, njd_percent, structure_dice, structure_labels
 from diffusereg.spatial import jacobian_determinant
 from diffusereg.visualize import TrajectorySlice, save_trajectory_gif, save_trajectory_strip
 
@@ -70,24 +70,36 @@ def length_mm(field: np.ndarray, grid: Grid) -> np.ndarray:
 
 
 def registration_metrics(field: np.ndarray, warped_labels: np.ndarray | None, fixed: Image,
-                         fixed_labels: Image | None, moving_labels: Image | None) -> dict[str, Any]:
+                         fixed_labels: Image | None, moving_labels: Image | None,
+                         uncertainty: np.ndarray | None = None) -> dict[str, Any]:
     """What ``metrics.json`` reports of a registration on the fixed grid: Dice before and after
     per structure (with both label maps; the moving labels resampled onto the fixed grid as they
     are, then ``warped_labels``), NJD % and JSD (forward differences, as the paper's evaluation),
-    and the largest displacement (mm).
+    the largest displacement (mm) and, with several samples, ``uncertainty_mm``: the mean
+    uncertainty length (mm, as ``uncertainty.nii.gz``) over the image and, with fixed labels,
+    inside each structure of the fixed labels (ACDC names, else ``label_K``).
 
     Args:
         field: ``(ndim, *S)`` voxels of ``fixed``'s grid.
         warped_labels: the moving labels warped onto it, or None.
         fixed, fixed_labels, moving_labels: the inputs (label maps may be None).
+        uncertainty: ``(ndim, *S)`` per-axis std of the field over samples, voxels, or None.
     """
     metrics: dict[str, Any] = {}
-    if fixed_labels is not None and moving_labels is not None:
-        reference = resample_to_grid(fixed_labels, fixed.grid, "nearest")
+    reference = None if fixed_labels is None else resample_to_grid(fixed_labels, fixed.grid, "nearest")
+    if reference is not None and moving_labels is not None:
         metrics["dice_before"] = structure_dice(resample_to_grid(moving_labels, fixed.grid, "nearest"), reference)
         metrics["dice_after"] = structure_dice(warped_labels, reference)
     metrics.update(NJD_percent=njd_percent(field), JSD=jacobian_std(field),
                    max_displacement_mm=float(length_mm(field, fixed.grid).max()))
+    if uncertainty is not None:
+        length = length_mm(uncertainty, fixed.grid)
+        metrics["uncertainty_mm"] = {"image": float(length.mean())}
+        if reference is not None:
+            for name, values in structure_labels(reference).items():
+                inside = np.isin(reference, values)
+                if inside.any():
+                    metrics["uncertainty_mm"][name] = float(length[inside].mean())
     return metrics
 
 

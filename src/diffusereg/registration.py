@@ -195,7 +195,8 @@ def register_checked(pipe: DiffuseRegPipeline, inputs: CheckedInputs,
         "start_from_teacher": settings.start_from_teacher,
         "guidance": [*(str(spec) for spec in settings.guidance), *(str(guide) for guide in guides)],
         "device": str(pipe.device), "time_seconds": round(elapsed, 3),
-        **registration_metrics(out.field, out.warped_labels, images.fixed, inputs.fixed_labels, images.moving_labels),
+        **registration_metrics(out.field, out.warped_labels, images.fixed, inputs.fixed_labels, images.moving_labels,
+                               None if out.uncertainty is None else np.asarray(out.uncertainty)),
         "diffusereg_version": __version__,
     }
     transform = displacement_transform(out.field, images.fixed.grid)  # the one the pipeline warped with
