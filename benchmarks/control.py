@@ -56,6 +56,7 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -475,7 +476,8 @@ def jacobian_figure(view: FigureSlice, runs: list[Run], args: argparse.Namespace
         shown = ax.imshow(cut, cmap="coolwarm", norm=TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=2.0))
         if np.any(cut <= 0):
             ax.contour(cut <= 0, levels=[0.5], colors="black", linewidths=0.6)
-        ax.set_title(f"{run.row['config']}\nNJD {run.row['NJD_percent']:.2f} % (volume)", fontsize=8)
+        ax.set_title(f"{textwrap.fill(run.row['config'], 30)}\nNJD {run.row['NJD_percent']:.2f} % (volume), Overall "
+                     f"{run.row['Overall']:.1f} %", fontsize=8)
         ax.set_axis_off()
     figure.colorbar(shown, ax=axes, shrink=0.7)
     return figure

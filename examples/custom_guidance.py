@@ -20,7 +20,7 @@ import argparse
 
 import torch
 
-from diffusereg import DiffuseRegDenoiser, DiffuseRegPipeline, FunctionGuide, SmoothnessGuidance, default_scheduler
+from diffusereg import DiffuseRegDenoiser, DiffuseRegPipeline, FoldGuidance, FunctionGuide, default_scheduler
 from diffusereg.metrics import acdc_dice
 from diffusereg.phantom import cardiac_phantom
 
@@ -54,8 +54,8 @@ def main() -> None:
     runs = {
         "no guidance": [],
         "custom guide": [FunctionGuide(keep_dark_regions_still, scale=args.scale)],
-        "custom guide, second half only, + smoothness": [
-            FunctionGuide(keep_dark_regions_still, scale=args.scale, start=0.5), SmoothnessGuidance(scale=1.0)],
+        "custom guide, second half only, + no folds": [
+            FunctionGuide(keep_dark_regions_still, scale=args.scale, start=0.5), FoldGuidance()],
     }
     for name, guidance in runs.items():
         out = pipe(pair.fixed, pair.moving, moving_labels=pair.moving_labels, num_inference_steps=args.steps,

@@ -186,6 +186,18 @@ def test_smoothness_guidance_lowers_gradient_energy(pipe2d, pair):
     assert gradient_loss(guided) < 0.5 * gradient_loss(plain)
 
 
+def test_smoothness_guidance_damps_the_finest_pattern_below_scale_one_half_and_amplifies_it_above():
+    index = torch.arange(64)
+    checkerboard = ((-1.0) ** (index[:, None] + index[None, :]))[None, None].expand(1, 2, 64, 64).clone()
+    image = torch.zeros(1, 1, 64, 64)
+
+    def factor(scale: float) -> float:
+        corrected = SmoothnessGuidance(scale=scale).correct(checkerboard, image, image)
+        return float((corrected / checkerboard)[..., 8:-8, 8:-8].mean())
+
+    assert abs(factor(0.25)) < 0.1 and 0 < factor(0.1) < 1 and factor(1.0) < -2.5
+
+
 def test_direction_guidance_moves_the_mean_displacement_to_the_target(pipe2d, pair):
     mask = disc((16, 16), 8)
     target = torch.tensor([2.0, -1.0])

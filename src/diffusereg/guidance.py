@@ -144,9 +144,14 @@ class SmoothnessGuidance(Guide):
     """Prefer less bending: loss = mean squared forward-difference gradient of the field.
 
     It makes the whole field smoother; it does not aim at folds (a few voxels with a Jacobian
-    determinant <= 0), which :class:`FoldGuidance` removes. What each does on ACDC:
+    determinant <= 0), which :class:`FoldGuidance` removes. The step multiplies the finest
+    (checkerboard) pattern of a 2D field by about ``1 - 4 * scale``: scales below 0.5 damp it, 0.25
+    removes it, scales above 0.5 amplify it and fold the field. What each does on ACDC:
     ``docs/pipeline.md`` (``benchmarks/control.py``).
     """
+
+    def __init__(self, scale: float = 0.25, start: float = 0.0, end: float = 1.0) -> None:
+        super().__init__(scale, start, end)
 
     def loss(self, field: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         return gradient_loss(field)
