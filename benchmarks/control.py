@@ -198,10 +198,10 @@ def differences(run: Run, reference: Run, case: Case, columns: Sequence[str]) ->
     return out
 
 
-def guided(pipe: DiffuseRegPipeline, case: Case, none: Run, config: str, steps: int, guide: Guide | list[Guide],
+def guided(pipe: DiffuseRegPipeline, case: Case, none: Run, config: str, steps: int, guides: list[Guide],
            columns: Sequence[str]) -> Run:
-    """Register ``case`` with a guide (or several, in turn) and add its :func:`differences` to the unguided run ``none``."""
-    run = register(pipe, case, config, steps, guidance=guide if isinstance(guide, list) else [guide])
+    """Register ``case`` with ``guides`` (acting in turn) and add its :func:`differences` to the run ``none``."""
+    run = register(pipe, case, config, steps, guidance=guides)
     run.row.update(differences(run, none, case, columns))
     return run
 
@@ -300,11 +300,11 @@ def similarity_runs(pipe: DiffuseRegPipeline, case: Case, none: Run, args: argpa
                      for specs in ("similarity", "similarity folds")]
     raw = SimilarityGuidance(scale=args.raw_similarity_scale, sigma=0.0)
     name = f"SimilarityGuidance(scale={args.raw_similarity_scale:g}, sigma=0)"
-    runs.append(guided(pipe, case, none, name, args.steps, raw, columns))
+    runs.append(guided(pipe, case, none, name, args.steps, [raw], columns))
     runs.append(guided(pipe, case, none, f"{name} + FoldGuidance()", args.steps, [raw, FoldGuidance()], columns))
     for scale, sigma in args.similarity_settings:
         runs.append(guided(pipe, case, none, f"SimilarityGuidance(scale={scale:g}, sigma={sigma:g})", args.steps,
-                           SimilarityGuidance(scale=scale, sigma=sigma), columns))
+                           [SimilarityGuidance(scale=scale, sigma=sigma)], columns))
     return runs
 
 
@@ -318,7 +318,7 @@ def organ_runs(pipe: DiffuseRegPipeline, case: Case, none: Run, args: argparse.N
         fixed_mask = label_mask(case.pair.fixed_labels, target)
         moving_mask = label_mask(case.pair.moving_labels, target) if both else None
         config = f"{target}: {'fixed+moving masks' if both else 'fixed mask'}, scale {scale:g}"
-        run = guided(pipe, case, none, config, args.steps, OrganMaskGuidance(fixed_mask, moving_mask, scale=scale),
+        run = guided(pipe, case, none, config, args.steps, [OrganMaskGuidance(fixed_mask, moving_mask, scale=scale)],
                      ("Overall", "SSIM", *ORGANS))
         others = [run.row[f"d_{other}"] for other in ORGANS if other != target]
         run.row.update(target=target, d_target=run.row[f"d_{target}"], d_others=float(np.mean(others)))
@@ -335,7 +335,7 @@ def direction_runs(pipe: DiffuseRegPipeline, case: Case, none: Run, args: argpar
     runs = [Run(none.result, {**none.row, **direction_errors(unguided, target)})]
     for scale in args.direction_scales:
         guide = DirectionGuidance(target[-pipe.spatial_dims:].tolist(), mask=region.astype(np.float32), scale=scale)
-        run = guided(pipe, case, none, f"direction {scale:g}", args.steps, guide, ("Overall", "NJD_percent"))
+        run = guided(pipe, case, none, f"direction {scale:g}", args.steps, [guide], ("Overall", "NJD_percent"))
         run.row.update(direction_errors(region_mean(run.result.field, region), target))
         runs.append(run)
     return runs

@@ -29,10 +29,10 @@ __all__ = [
     "dice",
     "hd95",
     "jacobian_std",
-    "structure_labels",
     "njd_percent",
     "sdlogj",
     "structure_dice",
+    "structure_labels",
 ]
 
 ArrayLike = np.ndarray | torch.Tensor

@@ -257,18 +257,18 @@ class DiffuseRegPipeline(DiffusionPipeline):
         the model grid for arrays, the fixed image's own grid for inputs with geometry. The guides
         active at the last step correct the returned field on that grid (``Guide.correct_output``)."""
         mean, std = (None if x is None else x.detach().cpu() for x in batch.mean_std(x0, num_samples))
+        uncertainty = None if std is None else batch.to_output(std, True)
         if batch.images is None:
             for guide in final_guides:
                 mean = guide.correct_output(mean)
-        field, uncertainty = batch.to_output(mean, True), None if std is None else batch.to_output(std, True)
-        if batch.images is None:
+            field = batch.to_output(mean, True)
             warped = batch.to_output(warp(batch.moving, mean), is_field=False)
             warped_labels = None if batch.moving_labels is None else batch.to_output(
                 warp_labels(batch.moving_labels, mean), is_field=False).to(batch.labels_dtype)
             grid = None
         else:
-            field = self.correct_on_fixed_grid(torch.from_numpy(batch.field_on_fixed_grid(field)), final_guides,
-                                               batch.layout == "slices")
+            field = self.correct_on_fixed_grid(torch.from_numpy(batch.field_on_fixed_grid(batch.to_output(mean, True))),
+                                               final_guides, batch.layout == "slices")
             uncertainty = None if uncertainty is None else torch.from_numpy(batch.field_on_fixed_grid(uncertainty))
             _, warped_array, labels_array = batch.warp_on_fixed_grid(field.numpy())
             warped = torch.from_numpy(warped_array)
