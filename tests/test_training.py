@@ -420,3 +420,36 @@ def test_resumed_schedule_with_more_steps_ends_at_the_new_length() -> None:
     assert lrs[49] > 10 * optim.min_lr  # step 100: the saved length would have ended here
     assert lrs[-1] == pytest.approx(optim.min_lr, rel=1e-3)
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_rollouts_are_the_samplers_own_state() -> None:
+    """``loss.own_schedules``: a rollout start is what the DDIM sampler holds after its first k
+    steps (estimate and carried noise), and the step trained is its next one."""
+    config = DiffusionConfig(teacher="diffusereg/acdc-2d", init_weights="diffusereg/acdc-2d", phi0_source="teacher",
+                             model={"prediction_type": "increment", "integration_steps": 7},
+                             loss=DiffusionLossConfig(recipe="refine", own_schedules=[4]))
+    stage = DiffusionStage(config)
+    model = stage.build_model().eval()
+    images = torch.rand(2, 1, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        estimate, timesteps, noise = stage._rollouts(model, images[0], images[1], torch.Generator().manual_seed(1))
+    replay = torch.Generator().manual_seed(1)
+    torch.randint(1, (1,), generator=replay)  # the schedule drawn from own_schedules
+    count = int(torch.randint(1, 4, (1,), generator=replay))
+    assert count == 3  # this seed rolls out 3 of the 4 steps: the carried noise matters
+    states = []
+
+    def record(pipe: DiffuseRegPipeline, step: int, timestep: torch.Tensor, kwargs: dict) -> dict:
+        states.append(kwargs["x0"])
+        pipe.interrupt = step + 1 == count
+        return kwargs
+
+    pipe = stage.pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    pipe(images[0], images[1], num_inference_steps=4, generator=replay, callback_on_step_end=record)
+    assert len(states) == count
+    torch.testing.assert_close(estimate, states[-1][0], atol=1e-5, rtol=0)  # (samples, *field)
+    assert timesteps.tolist() == [int(pipe.scheduler.timesteps[count])]
+    assert noise.shape == estimate.shape and torch.isfinite(noise).all()
+    with pytest.raises(ConfigError, match="own_schedules"):
+        DiffusionConfig(loss=DiffusionLossConfig(own_schedules=[1]))

@@ -153,8 +153,12 @@ class DiffusionLossConfig:
     ``prediction_type: increment``) trains every step to refine the estimate it starts from, on
     the moving image warped by it: the starts are zero (share ``zero_start``), the teacher's field
     scaled by a factor in [0.3, 1.3] (``teacher_start``), the teacher's field of another pair of the
-    batch (``other_start``), or the denoiser's own estimate after 1 to 3 sampling steps from noise
-    (the rest); the target is the teacher applied ``target_passes`` times recursively, with a weight
+    batch (``other_start``), or the denoiser's own estimate (the rest): after 1 to 3 sampling steps
+    from noise at random timesteps in [400, 2000) with ``own_schedules`` empty, or, with
+    ``own_schedules`` listing step counts (e.g. ``[5, 10]``), after the first k steps (k drawn
+    from 1 .. N - 1) of the DDIM sampler's own N-step schedule, the step then trained being the
+    sampler's next one, at its timestep and with the noise the sampler carries (unrolled
+    training on the sampler's trajectory); the target is the teacher applied ``target_passes`` times recursively, with a weight
     going linearly from ``target_weight`` to ``target_weight_final`` over the run; with probability
     ``swap_prob`` a pair is registered the other way round (ES to ED).
     """
@@ -169,6 +173,7 @@ class DiffusionLossConfig:
     zero_start: float = 0.3
     teacher_start: float = 0.15
     other_start: float = 0.1
+    own_schedules: list[int] = field(default_factory=list)
     swap_prob: float = 0.0
 
 
@@ -222,6 +227,9 @@ class DiffusionConfig(StageConfig):
         if min(starts) < 0 or sum(starts) > 1:
             raise ConfigError(f"loss.zero_start, teacher_start, other_start must be shares >= 0 summing to at most 1, "
                               f"got {starts}")
+        if any(steps < 2 for steps in self.loss.own_schedules):
+            raise ConfigError(f"loss.own_schedules are sampling step counts >= 2 (a step to roll out and the next "
+                              f"one to train), got {self.loss.own_schedules}")
         if self.loss.recipe == "refine" and self.phi0_source != "teacher":
             raise ConfigError("loss.recipe: refine runs the teacher on every batch: set phi0_source: teacher")
         architecture = sorted(set(self.model) - PARAMETRISATION_KEYS)

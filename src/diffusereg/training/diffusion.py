@@ -88,6 +88,7 @@ class DiffusionStage(Stage):
             raise ValueError(f"the teacher {config.teacher} is {self.source.spatial_dims}D "
                              f"but data.spatial_dims is {config.data.spatial_dims}")
         self.scheduler = default_scheduler("ddpm")  # add_noise and alphas_cumprod of the paper's schedule
+        self.sampler = default_scheduler("ddim", "increment")  # the sampler's timesteps (loss.own_schedules)
         self.teacher: RegistrationNet | None = None
         self.refine = config.loss.recipe == "refine"
         self.loss_names = ("target", "similarity", "smoothness") if self.refine else ("noise", "similarity", "smoothness")
@@ -174,18 +175,22 @@ class DiffusionStage(Stage):
             one_shot = self.teacher(fixed, moving)
             target = self.teacher.recursive(fixed, moving, loss.target_passes, one_shot=one_shot).float()
             one_shot = one_shot.float()
-            start = self._starts(model, fixed, moving, one_shot, generator)
+            start, timesteps, noise = self._starts(model, fixed, moving, one_shot, generator)
         weight = loss.target_weight + (loss.target_weight_final - loss.target_weight) * progress
         return refinement_loss(model, self.model_config, self.scheduler, self.normalizer, fixed, moving, start,
                                target, generator=generator, target_weight=weight,
                                similarity_weight=loss.similarity_weight, smoothness_weight=loss.smoothness_weight,
-                               ssim_window=loss.ssim_window)
+                               ssim_window=loss.ssim_window, timesteps=timesteps, noise=noise)
 
     def _starts(self, model: nn.Module, fixed: Tensor, moving: Tensor, one_shot: Tensor,
-                generator: torch.Generator) -> Tensor:
+                generator: torch.Generator) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """A start estimate per pair (voxels), drawn as ``loss`` says: zero, the teacher's field
         scaled by a factor in [0.3, 1.3], another pair's teacher field, or the denoiser's own
-        estimate after 1 to 3 sampling steps from noise."""
+        estimate (:meth:`_own_estimates`, or :meth:`_rollouts` with ``loss.own_schedules``).
+
+        Returns ``(start, timesteps, noise)``: with ``own_schedules``, the step to train and the
+        noise around the start, ``(B,)`` and ``(B, ndim, *S)`` (uniform and standard normal draws
+        where the start is not a rollout); else None and None (:func:`refinement_loss` draws them)."""
         loss, device = self.config.loss, fixed.device
         draw = torch.rand(fixed.shape[0], generator=generator, device=device)
         bounds = torch.tensor([loss.zero_start, loss.teacher_start, loss.other_start], device=device).cumsum(0)
@@ -196,9 +201,37 @@ class DiffusionStage(Stage):
         start = torch.where((kind == 1).reshape(shape), scale * one_shot, start)
         start = torch.where((kind == 2).reshape(shape), one_shot.roll(1, dims=0), start)
         own = kind == 3
+        if not loss.own_schedules:
+            if own.any():
+                start[own] = self._own_estimates(model, fixed[own], moving[own], generator)
+            return start, None, None
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (fixed.shape[0],), generator=generator,
+                                  device=device)
+        noise = torch.randn(start.shape, generator=generator, device=device)
         if own.any():
-            start[own] = self._own_estimates(model, fixed[own], moving[own], generator)
-        return start
+            start[own], timesteps[own], noise[own] = self._rollouts(model, fixed[own], moving[own], generator)
+        return start, timesteps, noise
+
+    def _rollouts(self, model: nn.Module, fixed: Tensor, moving: Tensor,
+                  generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """The DDIM sampler's state after the first k steps of its own N-step schedule from noise
+        (N drawn from ``loss.own_schedules``, k from 1 .. N - 1): the estimate (voxels), the
+        timestep of step k + 1 ``(B,)`` and the noise the sampler carries to it (z-scored units)."""
+        device, schedules = fixed.device, self.config.loss.own_schedules
+        steps = schedules[int(torch.randint(len(schedules), (1,), generator=generator, device=device))]
+        count = int(torch.randint(1, steps, (1,), generator=generator, device=device))
+        self.sampler.set_timesteps(steps, device=device)
+        timesteps = self.sampler.timesteps
+        alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
+        estimate = torch.zeros(fixed.shape[0], fixed.ndim - 2, *fixed.shape[2:], device=device)
+        noisy = torch.randn(estimate.shape, generator=generator, device=device)  # pure noise, where sampling starts
+        for step, t in enumerate(timesteps[:count]):
+            if step:
+                noisy = self.scheduler.add_noise(self.normalizer.normalize(estimate), noise, t[None])
+            denoised = denoise(model, self.model_config, noisy, t, alphas_cumprod[t], self.normalizer,
+                               estimate=estimate, fixed=fixed, moving=warp(moving, estimate))
+            estimate, noise = self.normalizer.denormalize(denoised.clean), denoised.noise
+        return estimate, timesteps[count].expand(fixed.shape[0]), noise
 
     def _own_estimates(self, model: nn.Module, fixed: Tensor, moving: Tensor, generator: torch.Generator) -> Tensor:
         """The denoiser's estimate after 1 to 3 sampling steps from noise, at decreasing random

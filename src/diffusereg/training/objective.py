@@ -170,6 +170,8 @@ def refinement_loss(
     similarity_weight: float = 1.0,
     smoothness_weight: float = 0.05,
     ssim_window: int = 9,
+    timesteps: Tensor | None = None,
+    noise: Tensor | None = None,
 ) -> RefinementLoss:
     """One training step of a denoiser that refines its estimate (``prediction_type="increment"``).
 
@@ -191,11 +193,16 @@ def refinement_loss(
         generator: draws the timesteps and the noise.
         target_weight, similarity_weight, smoothness_weight: the weights of the three terms.
         ssim_window: SSIM window size.
+        timesteps: ``(B,)`` integer timesteps to use instead of uniform random ones.
+        noise: ``(B, ndim, *S)`` noise (z-scored units) to use instead of a standard normal draw,
+            e.g. the noise a sampler carries at ``timesteps``.
     """
     batch = estimate.shape[0]
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator,
-                              device=estimate.device)
-    noise = torch.randn(estimate.shape, generator=generator, device=estimate.device)
+    if timesteps is None:
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator,
+                                  device=estimate.device)
+    if noise is None:
+        noise = torch.randn(estimate.shape, generator=generator, device=estimate.device)
     noisy = scheduler.add_noise(normalizer.normalize(estimate), noise, timesteps)
     alpha_bar = scheduler.alphas_cumprod.to(estimate.device)[timesteps].reshape(batch, *([1] * (estimate.ndim - 1)))
     x0_hat = normalizer.denormalize(denoise(denoiser, config, noisy, timesteps, alpha_bar, normalizer, estimate=estimate,
