@@ -140,7 +140,8 @@ def read_log(output: Path) -> list[dict[str, str]]:
 def test_repository_configs_load() -> None:
     for name, kind in [("teacher_2d_cpu", TeacherConfig), ("teacher_3d_gpu", TeacherConfig),
                        ("diffusion_2d_cpu", DiffusionConfig), ("diffusion_3d_gpu", DiffusionConfig),
-                       ("finetune_2d_gpu", DiffusionConfig)]:
+                       ("finetune_2d_gpu", DiffusionConfig), ("refine_2d_cpu", DiffusionConfig),
+                       ("refine_unrolled_2d_cpu", DiffusionConfig), ("refine_cascade_2d_cpu", DiffusionConfig)]:
         config = load_config(REPO / "configs" / f"{name}.yaml", kind)
         assert config.data.spatial_dims == (2 if "2d" in name else 3)
         assert isinstance(config.optim.lr, float)
@@ -453,3 +454,32 @@ def test_rollouts_are_the_samplers_own_state() -> None:
     assert noise.shape == estimate.shape and torch.isfinite(noise).all()
     with pytest.raises(ConfigError, match="own_schedules"):
         DiffusionConfig(loss=DiffusionLossConfig(own_schedules=[1]))
+
+
+def test_a_teacher_proposal_starts_as_the_recursive_teacher(tmp_path: Path) -> None:
+    """``model: proposal: teacher``: before training, K sampling steps are the teacher applied K
+    times recursively (away from the border, where the two integrators pad differently); the
+    proposal is frozen, and the denoiser saves and loads with it."""
+    config = DiffusionConfig(teacher="diffusereg/acdc-2d", init_weights="diffusereg/acdc-2d", phi0_source="teacher",
+                             model={"prediction_type": "increment", "integration_steps": 7, "proposal": "teacher"},
+                             loss=DiffusionLossConfig(recipe="refine"))
+    stage = DiffusionStage(config)
+    model = stage.build_model().eval()
+    assert not any(p.requires_grad for p in model.proposal_net.parameters())
+    assert all(p.requires_grad for name, p in model.named_parameters() if not name.startswith("proposal_net."))
+    blur = torch.nn.AvgPool2d(9, stride=1, padding=4)
+    fixed = blur(torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(0)))
+    moving = fixed.roll(3, dims=-1)
+    pipe = stage.pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    field = pipe(fixed, moving, num_inference_steps=3, generator=torch.Generator().manual_seed(0)).field
+    with torch.no_grad():
+        recursive = stage.frozen_teacher().recursive(fixed, moving, 3)
+    inner = (..., slice(16, -16), slice(16, -16))
+    assert recursive[inner].abs().max() > 1.0  # a real displacement
+    torch.testing.assert_close(field[inner], recursive[inner], atol=5e-3, rtol=0)
+    model.save_pretrained(tmp_path / "denoiser")
+    loaded = DiffuseRegDenoiser.from_pretrained(tmp_path / "denoiser")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(ConfigError, match="proposal"):
+        DiffusionConfig(model={"proposal": "ants"})

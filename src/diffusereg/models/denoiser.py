@@ -20,6 +20,7 @@ from diffusereg.models.interface import (
     check_image_pair,
 )
 from diffusereg.models.swin_encoder import FieldSwinEncoder, ImageSwinEncoder, SwinLayout
+from diffusereg.models.teacher import RegistrationNet
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,12 @@ class DiffuseRegDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
         integration_steps: scaling-and-squaring steps that turn a predicted ``"increment"``
             velocity into a displacement (used by the parametrisation, not by the network).
         prediction_type: what the output means: ``"epsilon"`` (the noise, as in the paper),
-            ``"sample"`` (the clean z-scored field) or ``"v_prediction"``; see
+            ``"sample"`` (the clean z-scored field), ``"v_prediction"`` or ``"increment"``; see
             :func:`~diffusereg.schedulers.clean_and_noise`. Stored only: the network is the same.
+        proposal: config of a :class:`~diffusereg.models.RegistrationNet` (e.g. the teacher's)
+            built into the model (``"increment"`` only): the prediction is then that network's
+            z-scored velocity on the fixed and the (warped) moving image plus the Swin network's
+            output, a residual. A step whose residual is zero is one pass of the recursive teacher.
 
     Inputs of every spatial size that is a multiple of 32 are accepted.
 
@@ -97,6 +102,7 @@ class DiffuseRegDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
         field_std: Sequence[float] | None = None,
         prediction_type: str = "epsilon",
         integration_steps: int = 7,
+        proposal: dict | None = None,
     ) -> None:
         super().__init__()
         self.size_multiple = SIZE_MULTIPLE
@@ -106,6 +112,8 @@ class DiffuseRegDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if proposal is not None and prediction_type != "increment":
+            raise ValueError(f"a proposal network goes with prediction_type 'increment', got {prediction_type!r}")
         if condition_mask not in CONDITION_MASKS:
             raise ValueError(f"condition_mask must be one of {CONDITION_MASKS}, got {condition_mask!r}")
         defaults = DEFAULTS[spatial_dims]
@@ -152,6 +160,7 @@ class DiffuseRegDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
             time_embed_dim=time_embed_dim if time_in_resblocks else None,
             norm_num_groups=norm_num_groups,
         )
+        self.proposal_net = None if proposal is None else RegistrationNet(**{**proposal, "spatial_dims": spatial_dims})
 
     def encode_condition(self, fixed: Tensor, moving: Tensor) -> DenoiserCondition:
         """Run the image encoder(s) once for a registration.
@@ -192,4 +201,9 @@ class DiffuseRegDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
         temb = self.time_embedding(self.time_proj(timestep).to(sample.dtype))
         x_in = torch.cat([sample, condition.fixed, condition.moving], dim=1)
         hidden = self.backbone(sample if self.image_encoders else x_in, temb, condition.features)
-        return self.decoder(x_in, hidden, temb)
+        residual = self.decoder(x_in, hidden, temb)
+        if self.proposal_net is None:
+            return residual
+        mean, std = (torch.tensor(v, dtype=residual.dtype, device=residual.device).reshape(1, -1, *[1] * (residual.ndim - 2))
+                     for v in (self.config.field_mean, self.config.field_std))
+        return residual + (self.proposal_net.velocity(condition.fixed, condition.moving) - mean) / std

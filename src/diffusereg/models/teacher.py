@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 
+import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from monai.networks.blocks import Warp
@@ -75,6 +76,13 @@ class RegistrationNet(ModelMixin, ConfigMixin):
         check_image_pair(fixed, moving, self.config.spatial_dims, self.size_multiple)
         _, field = self.voxelmorph(moving, fixed)
         return field
+
+    def velocity(self, fixed: Tensor, moving: Tensor) -> Tensor:
+        """The stationary velocity field ``(B, ndim, *S)`` (voxels) that :meth:`forward` integrates
+        (``integration_steps`` scaling-and-squaring steps); with ``integration_steps=0`` the
+        displacement itself. Inputs as in :meth:`forward`."""
+        check_image_pair(fixed, moving, self.config.spatial_dims, self.size_multiple)
+        return self.voxelmorph.backbone(torch.cat([moving, fixed], dim=1))
 
     def recursive(self, fixed: Tensor, moving: Tensor, passes: int, one_shot: Tensor | None = None) -> Tensor:
         """The network applied ``passes`` times recursively: warp the moving image by the field so

@@ -198,8 +198,9 @@ class TeacherConfig(StageConfig):
     cache_dtype: Literal["float16", "float32"] = "float16"  # storage type of the phi0 cache
 
 
-PARAMETRISATION_KEYS = {"prediction_type", "integration_steps"}
-"""Denoiser settings that do not change its network: ``model`` may set them with ``init_weights``."""
+PARAMETRISATION_KEYS = {"prediction_type", "integration_steps", "proposal"}
+"""Denoiser settings that keep its network: ``model`` may set them with ``init_weights``
+(``proposal: teacher`` adds the teacher to it, see :class:`DiffusionConfig`)."""
 
 
 @dataclass
@@ -214,7 +215,10 @@ class DiffusionConfig(StageConfig):
     ``init_weights`` (a pipeline name such as ``diffusereg/acdc-2d``, a Hub id or a folder)
     starts from that pipeline's denoiser instead of fresh weights (fine-tuning); its
     architecture comes with it, so ``model`` must then stay empty, and its field statistics
-    must be the teacher's.
+    must be the teacher's. ``model: proposal: teacher`` builds the teacher network into the
+    denoiser (its ``proposal``, frozen): a step predicts the teacher's velocity on the warped pair
+    plus a residual whose output layer starts at zero, so training starts from the recursive
+    teacher (``prediction_type: increment`` only).
     """
 
     loss: DiffusionLossConfig = field(default_factory=DiffusionLossConfig)
@@ -232,6 +236,9 @@ class DiffusionConfig(StageConfig):
                               f"one to train), got {self.loss.own_schedules}")
         if self.loss.recipe == "refine" and self.phi0_source != "teacher":
             raise ConfigError("loss.recipe: refine runs the teacher on every batch: set phi0_source: teacher")
+        if self.model.get("proposal", "teacher") != "teacher":
+            raise ConfigError(f"model.proposal can only be 'teacher' (the teacher network built into the denoiser), "
+                              f"got {self.model['proposal']!r}")
         architecture = sorted(set(self.model) - PARAMETRISATION_KEYS)
         if self.init_weights is not None and architecture:
             raise ConfigError(f"init_weights ({self.init_weights}) brings its own architecture; `model` may only set "

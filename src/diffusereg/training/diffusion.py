@@ -98,16 +98,21 @@ class DiffusionStage(Stage):
 
         The refine recipe starts from ``init_weights`` with its config's ``prediction_type`` and
         ``integration_steps`` as ``model`` says and the teacher's field statistics (a new
-        parametrisation of the same network)."""
+        parametrisation of the same network). ``model: proposal: teacher`` adds the teacher
+        (:meth:`_with_teacher_proposal`)."""
+        settings = dict(self.config.model)
+        proposal = settings.pop("proposal", None)
         if self.config.init_weights is None:
             model = DiffuseRegDenoiser(spatial_dims=self.config.data.spatial_dims, field_mean=self.source.mean,
-                                       field_std=self.source.std, **self.config.model)
+                                       field_std=self.source.std, **settings)
         else:
-            overrides = {**self.config.model, **({"field_mean": self.source.mean, "field_std": self.source.std}
-                                                 if self.refine else {})}
+            overrides = {**settings, **({"field_mean": self.source.mean, "field_std": self.source.std}
+                                        if self.refine else {})}
             model = DiffuseRegDenoiser.from_pretrained(resolve_model(self.config.init_weights), subfolder="denoiser",
                                                        dtype=torch.float32, **overrides)
             self._check_pretrained(model)
+        if proposal is not None:
+            model = self._with_teacher_proposal(model)
         if self.refine != (model.config.prediction_type == "increment"):
             raise ConfigError("loss.recipe: refine and model.prediction_type: increment go together (a denoiser that "
                               f"refines its estimate); got recipe {self.config.loss.recipe!r}, prediction_type "
@@ -115,6 +120,22 @@ class DiffusionStage(Stage):
         self.model_config = model.config
         self.normalizer = FieldNormalizer.from_config(model.config)
         return model
+
+    def _with_teacher_proposal(self, model: DiffuseRegDenoiser) -> DiffuseRegDenoiser:
+        """``model`` with the teacher built in as its frozen ``proposal`` and its own output layer
+        zeroed: the new denoiser's step is, before training, one pass of the recursive teacher."""
+        if model.proposal_net is not None:
+            raise ConfigError("model.proposal: teacher, but the denoiser of init_weights has a proposal network already")
+        teacher = self.frozen_teacher()
+        combined = DiffuseRegDenoiser(**{**init_arguments(model.config), "proposal": init_arguments(teacher.config)})
+        missing, unexpected = combined.load_state_dict(model.state_dict(), strict=False)
+        if unexpected or any(not name.startswith("proposal_net.") for name in missing):
+            raise RuntimeError(f"the denoiser does not fit: missing {missing}, unexpected {unexpected}")
+        combined.proposal_net.load_state_dict(teacher.state_dict())
+        combined.proposal_net.requires_grad_(False)
+        torch.nn.init.zeros_(combined.decoder.out.weight)
+        torch.nn.init.zeros_(combined.decoder.out.bias)
+        return combined
 
     def _check_pretrained(self, model: DiffuseRegDenoiser) -> None:
         source, config = self.config.init_weights, model.config
@@ -268,6 +289,11 @@ class DiffusionStage(Stage):
         """The pipeline, with the teacher as its component (a one-shot baseline and a start)."""
         teacher = self.frozen_teacher().to(next(model.parameters()).device)
         self.pipeline(model, teacher).save_pretrained(output_dir / "pipeline", safe_serialization=True)
+
+
+def init_arguments(config: Any) -> dict[str, Any]:
+    """A model's config without diffusers' private entries (``_class_name``, ...): its ``__init__`` arguments."""
+    return {key: value for key, value in dict(config).items() if not key.startswith("_")}
 
 
 def train_diffusion(config: DiffusionConfig, resume: bool = False, until_step: int | None = None) -> dict[str, float]:
