@@ -6,8 +6,9 @@
   (:data:`~diffusereg.models.PREDICTION_TYPES`), in both directions; :func:`denoise`: one call of
   a denoiser read as the clean-field estimate, for every prediction type (an ``"increment"``
   denoiser refines the current estimate: :func:`refined_estimate`).
-- :class:`FieldNormalizer`: the per-axis z-scoring of displacement fields whose statistics a
-  denoiser's config carries (``field_mean``, ``field_std``).
+- :class:`FieldNormalizer` (defined beside the denoiser interface, which also uses it): the
+  per-axis z-scoring of displacement fields whose statistics a denoiser's config carries
+  (``field_mean``, ``field_std``).
 
 A noisy field is ``noisy = sqrt(a) x0 + sqrt(1 - a) eps`` with ``a`` the cumulative signal
 fraction ``alphas_cumprod[t]``, all in z-scored units.
@@ -24,6 +25,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor
 
 from diffusereg.models import PREDICTION_TYPES, DenoiserCondition
+from diffusereg.models.interface import FieldNormalizer
 from diffusereg.spatial import compose, integrate_velocity
 
 __all__ = ["Denoised", "FieldNormalizer", "clean_and_noise", "default_scheduler", "denoise", "prediction_target",
@@ -102,35 +104,6 @@ def prediction_target(clean: Tensor, noise: Tensor, alpha_bar: Tensor, predictio
     if prediction_type == "v_prediction":
         return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * clean
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-
-
-@dataclass(frozen=True)
-class FieldNormalizer:
-    """Per-axis z-scoring of displacement fields ``(B, ndim, *S)``: ``z = (u - mean) / std``.
-
-    Attributes:
-        mean, std: one value per field channel, voxels (array-axis order).
-    """
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> FieldNormalizer:
-        """The statistics a denoiser's config carries (``field_mean``, ``field_std``)."""
-        return cls(tuple(config["field_mean"]), tuple(config["field_std"]))
-
-    def _shaped(self, values: Sequence[float], like: Tensor) -> Tensor:
-        shape = (1, len(values)) + (1,) * (like.ndim - 2)
-        return torch.tensor(values, dtype=like.dtype, device=like.device).reshape(shape)
-
-    def normalize(self, field: Tensor) -> Tensor:
-        """Voxels -> z-scored units."""
-        return (field - self._shaped(self.mean, field)) / self._shaped(self.std, field)
-
-    def denormalize(self, field: Tensor) -> Tensor:
-        """z-scored units -> voxels."""
-        return field * self._shaped(self.std, field) + self._shaped(self.mean, field)
 
 
 def refined_estimate(prediction: Tensor, estimate: Tensor, normalizer: FieldNormalizer,

@@ -17,6 +17,7 @@ from diffusereg.models.interface import (
     PREDICTION_TYPES,
     DenoiserCondition,
     DenoiserForward,
+    FieldNormalizer,
     check_image_pair,
 )
 from diffusereg.models.swin_encoder import FieldSwinEncoder, ImageSwinEncoder, SwinLayout
@@ -204,6 +205,5 @@ class DiffuseRegDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
         residual = self.decoder(x_in, hidden, temb)
         if self.proposal_net is None:
             return residual
-        mean, std = (torch.tensor(v, dtype=residual.dtype, device=residual.device).reshape(1, -1, *[1] * (residual.ndim - 2))
-                     for v in (self.config.field_mean, self.config.field_std))
-        return residual + (self.proposal_net.velocity(condition.fixed, condition.moving) - mean) / std
+        velocity = self.proposal_net.velocity(condition.fixed, condition.moving)
+        return residual + FieldNormalizer.from_config(self.config).normalize(velocity)

@@ -12,8 +12,9 @@ estimates. Image-only work is split off into
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from diffusers.utils import BaseOutput
@@ -74,6 +75,35 @@ class DenoiserCondition:
 
         features = tuple(tuple(tuple(grow(t) for t in block) for block in stage) for stage in self.features)
         return replace(self, fixed=grow(self.fixed), moving=grow(self.moving), features=features)
+
+
+@dataclass(frozen=True)
+class FieldNormalizer:
+    """Per-axis z-scoring of displacement fields ``(B, ndim, *S)``: ``z = (u - mean) / std``.
+
+    Attributes:
+        mean, std: one value per field channel, voxels (array-axis order).
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> FieldNormalizer:
+        """The statistics a denoiser's config carries (``field_mean``, ``field_std``)."""
+        return cls(tuple(config["field_mean"]), tuple(config["field_std"]))
+
+    def _shaped(self, values: Sequence[float], like: Tensor) -> Tensor:
+        shape = (1, len(values)) + (1,) * (like.ndim - 2)
+        return torch.tensor(values, dtype=like.dtype, device=like.device).reshape(shape)
+
+    def normalize(self, field: Tensor) -> Tensor:
+        """Voxels -> z-scored units."""
+        return (field - self._shaped(self.mean, field)) / self._shaped(self.std, field)
+
+    def denormalize(self, field: Tensor) -> Tensor:
+        """z-scored units -> voxels."""
+        return field * self._shaped(self.std, field) + self._shaped(self.mean, field)
 
 
 class DenoiserForward:

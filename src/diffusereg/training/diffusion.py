@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from diffusereg.hub import resolve_model
 from diffusereg.models import DiffuseRegDenoiser, RegistrationNet
 from diffusereg.pipelines import DiffuseRegPipeline
-from diffusereg.schedulers import FieldNormalizer, default_scheduler, denoise
+from diffusereg.schedulers import Denoised, FieldNormalizer, default_scheduler, denoise
 from diffusereg.spatial import warp
 from diffusereg.training.config import ConfigError, DiffusionConfig
 from diffusereg.training.data import FieldStatistics, Phi0Cache, WithPhi0, build_dataset
@@ -243,14 +243,12 @@ class DiffusionStage(Stage):
         count = int(torch.randint(1, steps, (1,), generator=generator, device=device))
         self.sampler.set_timesteps(steps, device=device)
         timesteps = self.sampler.timesteps
-        alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
         estimate = torch.zeros(fixed.shape[0], fixed.ndim - 2, *fixed.shape[2:], device=device)
         noisy = torch.randn(estimate.shape, generator=generator, device=device)  # pure noise, where sampling starts
         for step, t in enumerate(timesteps[:count]):
             if step:
                 noisy = self.scheduler.add_noise(self.normalizer.normalize(estimate), noise, t[None])
-            denoised = denoise(model, self.model_config, noisy, t, alphas_cumprod[t], self.normalizer,
-                               estimate=estimate, fixed=fixed, moving=warp(moving, estimate))
+            denoised = self._refine(model, noisy, t, estimate, fixed, moving)
             estimate, noise = self.normalizer.denormalize(denoised.clean), denoised.noise
         return estimate, timesteps[count].expand(fixed.shape[0]), noise
 
@@ -263,13 +261,18 @@ class DiffusionStage(Stage):
                               device=device).sort(descending=True).values
         estimate = torch.zeros(fixed.shape[0], fixed.ndim - 2, *fixed.shape[2:], device=device)
         for t in steps:
-            alpha_bar = self.scheduler.alphas_cumprod.to(device)[t]
             noise = torch.randn(estimate.shape, generator=generator, device=device)
             noisy = self.scheduler.add_noise(self.normalizer.normalize(estimate), noise, t[None])
-            estimate = self.normalizer.denormalize(
-                denoise(model, self.model_config, noisy, t, alpha_bar, self.normalizer, estimate=estimate,
-                        fixed=fixed, moving=warp(moving, estimate)).clean)
+            estimate = self.normalizer.denormalize(self._refine(model, noisy, t, estimate, fixed, moving).clean)
         return estimate
+
+    def _refine(self, model: nn.Module, noisy: Tensor, timestep: Tensor, estimate: Tensor, fixed: Tensor,
+                moving: Tensor) -> Denoised:
+        """One sampling step of ``model`` (no guidance) from the z-scored ``noisy`` field at the scalar
+        ``timestep``, refining ``estimate`` (voxels) on the moving image warped by it."""
+        alpha_bar = self.scheduler.alphas_cumprod.to(noisy.device)[timestep]
+        return denoise(model, self.model_config, noisy, timestep, alpha_bar, self.normalizer, estimate=estimate,
+                       fixed=fixed, moving=warp(moving, estimate))
 
     def predict_field(self, model: nn.Module, fixed: Tensor, moving: Tensor, generator: torch.Generator) -> Tensor:
         """A short DDIM sampling run (``validation.num_inference_steps``) through the pipeline."""
