@@ -74,6 +74,15 @@ def teacher_line(diffusion: dict[str, Any], teacher: dict[str, Any] | None,
             f"`skip_empty_slices: {str(teacher['data']['skip_empty_slices']).lower()}`.")
 
 
+def own_starts(loss: dict[str, Any]) -> str:
+    """What the rest of the training starts are: the model's own estimates, or the sampler's own states."""
+    schedules = loss.get("own_schedules") or []
+    if not schedules:
+        return "own estimates the rest"
+    return (f"the rest the DDIM sampler's own state after the first k steps of a {' or '.join(map(str, schedules))}"
+            f"-step schedule, trained at its next step")
+
+
 def recipe(diffusion: dict[str, Any], teacher: dict[str, Any] | None, diffusion_log: list[dict[str, str]],
            teacher_log: list[dict[str, str]] | None) -> str:
     """The training recipe, read from the configs and logs."""
@@ -87,7 +96,7 @@ def recipe(diffusion: dict[str, Any], teacher: dict[str, Any] | None, diffusion_
         f"applied {loss['target_passes']} times recursively, weight {loss['target_weight']} -> "
         f"{loss['target_weight_final']}; {loss['similarity_weight']} x (1 - SSIM, window {loss['ssim_window']}) + "
         f"{loss['smoothness_weight']} x smoothness of the refined estimate; starts: zero {loss['zero_start']}, "
-        f"teacher field {loss['teacher_start']}, another pair's {loss['other_start']}, own estimates the rest; "
+        f"teacher field {loss['teacher_start']}, another pair's {loss['other_start']}, {own_starts(loss)}; "
         f"both directions with probability {loss['swap_prob']}; AdamW {optim['lr']} (weight decay "
         f"{optim['weight_decay']}, {optim['warmup_steps']} warm-up steps, cosine to {optim['min_lr']}), EMA "
         f"{optim['ema_decay']}; training slices: `skip_empty_slices: {str(data['skip_empty_slices']).lower()}`. "
@@ -123,7 +132,7 @@ pipe = DiffuseRegPipeline.from_pretrained("{name}")
 |---|---|
 | input | fixed and moving images on the model grid: {pipe.config.model_spacing[0]} x {pipe.config.model_spacing[1]} mm in plane ({pipe.config.model_spacing[2]} mm between slices), {' x '.join(map(str, pipe.config.model_size))}, intensities in [0, 1]; `diffusereg register` does this for files in any geometry and maps the result back |
 | output | displacement field, voxels, channels first in array-axis order |
-| denoiser | `{type(pipe.denoiser).__name__}`, {config.spatial_dims}D, feature size {config.feature_size}, depths {config.depths}, heads {config.num_heads}, window {config.window_size}, {config.fusion} fusion; `prediction_type="{config.prediction_type}"`{' (every step refines the current estimate: it sees the moving image warped by it and predicts a diffeomorphic increment, ' + str(config.integration_steps) + ' scaling-and-squaring steps)' if config.prediction_type == 'increment' else ''}; {parameters:.1f} M parameters stored in {pipe.denoiser.dtype} |
+| denoiser | `{type(pipe.denoiser).__name__}`, {config.spatial_dims}D, feature size {config.feature_size}, depths {config.depths}, heads {config.num_heads}, window {config.window_size}, {config.fusion} fusion; `prediction_type="{config.prediction_type}"`{' (every step refines the current estimate: it sees the moving image warped by it and predicts a diffeomorphic increment, ' + str(config.integration_steps) + ' scaling-and-squaring steps)' if config.prediction_type == 'increment' else ''}{'; the step is the frozen teacher (a copy inside the denoiser, `proposal`) on the fixed and the warped moving image plus the Swin network as a residual' if config.proposal else ''}; {parameters:.1f} M parameters stored in {pipe.denoiser.dtype} |
 | scheduler | `{type(pipe.scheduler).__name__}` (DDPM on request), linear betas {pipe.scheduler.config.beta_start:g} .. {pipe.scheduler.config.beta_end:g} over {pipe.scheduler.config.num_train_timesteps} steps |
 | teacher | `teacher/`: the one-shot `RegistrationNet` whose fields, applied recursively, were the training target; the one-shot baseline below, and a start (`init_field="teacher"`) |
 

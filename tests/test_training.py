@@ -426,7 +426,8 @@ def test_resumed_schedule_with_more_steps_ends_at_the_new_length() -> None:
 def test_rollouts_are_the_samplers_own_state() -> None:
     """``loss.own_schedules``: a rollout start is what the DDIM sampler holds after its first k
     steps (estimate and carried noise), and the step trained is its next one."""
-    config = DiffusionConfig(teacher="diffusereg/acdc-2d", init_weights="diffusereg/acdc-2d", phi0_source="teacher",
+    config = DiffusionConfig(teacher="diffusereg/acdc-2d-refine", init_weights="diffusereg/acdc-2d-refine",
+                             phi0_source="teacher",
                              model={"prediction_type": "increment", "integration_steps": 7},
                              loss=DiffusionLossConfig(recipe="refine", own_schedules=[4]))
     stage = DiffusionStage(config)
@@ -460,7 +461,8 @@ def test_a_teacher_proposal_starts_as_the_recursive_teacher(tmp_path: Path) -> N
     """``model: proposal: teacher``: before training, K sampling steps are the teacher applied K
     times recursively (away from the border, where the two integrators pad differently); the
     proposal is frozen, and the denoiser saves and loads with it."""
-    config = DiffusionConfig(teacher="diffusereg/acdc-2d", init_weights="diffusereg/acdc-2d", phi0_source="teacher",
+    config = DiffusionConfig(teacher="diffusereg/acdc-2d-refine", init_weights="diffusereg/acdc-2d-refine",
+                             phi0_source="teacher",
                              model={"prediction_type": "increment", "integration_steps": 7, "proposal": "teacher"},
                              loss=DiffusionLossConfig(recipe="refine"))
     stage = DiffusionStage(config)
