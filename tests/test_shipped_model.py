@@ -113,7 +113,8 @@ REFINE_CORRECTS_TOO_LITTLE = pytest.mark.xfail(
 
 
 @pytest.mark.acdc
-@pytest.mark.parametrize("model", [pytest.param(SHIPPED, marks=REFINE_CORRECTS_TOO_LITTLE),
+@pytest.mark.parametrize("model", [SHIPPED,
+                                   pytest.param("diffusereg/acdc-2d-refine", marks=REFINE_CORRECTS_TOO_LITTLE),
                                    pytest.param("diffusereg/acdc-2d-paper", marks=PAPER_IGNORES_IMAGES)])
 def test_the_denoiser_reads_the_images_at_low_noise(acdc_root: Path, model: str) -> None:
     """The probe of a denoiser that ignores its images, at t = 600 on eight labelled slices of

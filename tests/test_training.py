@@ -483,5 +483,6 @@ def test_a_teacher_proposal_starts_as_the_recursive_teacher(tmp_path: Path) -> N
     model.save_pretrained(tmp_path / "denoiser")
     loaded = DiffuseRegDenoiser.from_pretrained(tmp_path / "denoiser")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert not any(p.requires_grad for p in loaded.proposal_net.parameters())  # fine-tuning keeps it too
     with pytest.raises(ConfigError, match="proposal"):
         DiffusionConfig(model={"proposal": "ants"})

@@ -11,6 +11,10 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+DEFAULT_STEPS = 3
+"""Sampling steps when none are asked for (the pipeline call, ``diffusereg register`` and ``demo``,
+the watch page): chosen for the shipped model on the validation patients (docs/evaluation.md)."""
+
 _LAZY = {
     "DiffuseRegPipeline": "diffusereg.pipelines",
     "DiffuseRegPipelineOutput": "diffusereg.pipelines",
@@ -33,7 +37,7 @@ _LAZY = {
     "write_image": "diffusereg.io",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["DEFAULT_STEPS", "__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from diffusereg import __version__
+from diffusereg import DEFAULT_STEPS, __version__
 
 if TYPE_CHECKING:
     from diffusereg.registration import RegistrationSettings
@@ -30,7 +30,8 @@ def _sampling_options() -> argparse.ArgumentParser:
     group = options.add_argument_group("model and sampling")
     group.add_argument("--model", default=DEFAULT_MODEL,
                        help=f"pipeline folder (save_pretrained output) or Hugging Face Hub id (default: {DEFAULT_MODEL})")
-    group.add_argument("--steps", type=int, default=5, metavar="K", help="sampling steps (default: 5)")
+    group.add_argument("--steps", type=int, default=DEFAULT_STEPS, metavar="K",
+                       help=f"sampling steps (default: {DEFAULT_STEPS})")
     group.add_argument("--scheduler", choices=("ddim", "ddpm"), default="ddim",
                        help="ddim: deterministic (default); ddpm: ancestral sampling")
     group.add_argument("--guidance", nargs="+", action="extend", default=[], metavar="SPEC",

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
-from diffusereg import __version__
+from diffusereg import DEFAULT_STEPS, __version__
 from diffusereg.callbacks import TrajectoryRecorder
 from diffusereg.data import read_pair_list, resample_to_grid
 from diffusereg.guidance import Guide, GuidanceSpec, build_guides
@@ -52,7 +52,7 @@ class RegistrationSettings:
     draw the trajectory, and ``start_from_teacher``: None to start from noise, or a strength in
     (0, 1] to start from the pipeline's one-shot teacher and run that fraction of the steps."""
 
-    steps: int = 10
+    steps: int = DEFAULT_STEPS
     scheduler: str = "ddim"
     guidance: tuple[GuidanceSpec, ...] = ()
     samples: int = 1

@@ -75,6 +75,8 @@ class DiffuseRegDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
             built into the model (``"increment"`` only): the prediction is then that network's
             z-scored velocity on the fixed and the (warped) moving image plus the Swin network's
             output, a residual. A step whose residual is zero is one pass of the recursive teacher.
+            The proposal network is frozen (``requires_grad=False``): training, and fine-tuning a
+            saved model, change the residual only.
 
     Inputs of every spatial size that is a multiple of 32 are accepted.
 
@@ -162,6 +164,8 @@ class DiffuseRegDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
             norm_num_groups=norm_num_groups,
         )
         self.proposal_net = None if proposal is None else RegistrationNet(**{**proposal, "spatial_dims": spatial_dims})
+        if self.proposal_net is not None:
+            self.proposal_net.requires_grad_(False)
 
     def encode_condition(self, fixed: Tensor, moving: Tensor) -> DenoiserCondition:
         """Run the image encoder(s) once for a registration.

@@ -13,6 +13,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from diffusereg import DEFAULT_STEPS
 from diffusereg.data.preprocessing import PaperPreprocessing
 from diffusereg.guidance import Guide, GuidanceFunction, as_guide
 from diffusereg.hub import WeightsError, check_weights, resolve_model
@@ -297,7 +298,7 @@ class DiffuseRegPipeline(DiffusionPipeline):
         self,
         fixed: Any,
         moving: Any = None,
-        num_inference_steps: int = 5,
+        num_inference_steps: int = DEFAULT_STEPS,
         guidance: Sequence[Guide | GuidanceFunction] | None = None,
         callback_on_step_end: Callable | Sequence[Callable] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("x0",),

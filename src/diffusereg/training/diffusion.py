@@ -131,8 +131,7 @@ class DiffusionStage(Stage):
         missing, unexpected = combined.load_state_dict(model.state_dict(), strict=False)
         if unexpected or any(not name.startswith("proposal_net.") for name in missing):
             raise RuntimeError(f"the denoiser does not fit: missing {missing}, unexpected {unexpected}")
-        combined.proposal_net.load_state_dict(teacher.state_dict())
-        combined.proposal_net.requires_grad_(False)
+        combined.proposal_net.load_state_dict(teacher.state_dict())  # frozen by the denoiser itself
         torch.nn.init.zeros_(combined.decoder.out.weight)
         torch.nn.init.zeros_(combined.decoder.out.bias)
         return combined
