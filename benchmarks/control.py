@@ -1,9 +1,10 @@
 """Control you can measure: guidance, early stopping and uncertainty on ACDC validation cases.
 
 Run (from the repository root, ACDC beside the checkout); the defaults are the settings of the
-published run, ``benchmarks/results/control_val`` on the shipped model:
+published run, ``benchmarks/results/control_val``, made on ``diffusereg/acdc-2d-refine`` when it
+was the shipped model (so the run's settings name it ``diffusereg/acdc-2d``):
 
-    python benchmarks/control.py
+    python benchmarks/control.py --model diffusereg/acdc-2d-refine
 
 Every case of the validation split (``--patients`` to restrict) is registered once per seed
 (``--seeds``) without guidance ("none", ``--steps`` DDIM steps), and every configuration below is
