@@ -26,6 +26,7 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
+from diffusereg import DEFAULT_STEPS
 from diffusereg.cli import main
 from diffusereg.data import PairFiles
 from diffusereg.guidance import SmoothnessGuidance
@@ -349,7 +350,7 @@ def test_in_a_browser_register_the_phantom_watch_it_stop_it_and_download_the_out
     page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.goto(server.url)
-    expect(page.locator("#step")).to_have_text("step 0 / 10")
+    expect(page.locator("#step")).to_have_text(f"step 0 / {DEFAULT_STEPS}")
     expect(page.locator("#inputs")).to_contain_text("moving.nii.gz → fixed.nii.gz")
     expect(page.locator("#organs label")).to_have_text([" RV", " Myo", " LV"])
 
