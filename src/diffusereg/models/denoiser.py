@@ -163,9 +163,8 @@ class DiffuseRegDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
             time_embed_dim=time_embed_dim if time_in_resblocks else None,
             norm_num_groups=norm_num_groups,
         )
-        self.proposal_net = None if proposal is None else RegistrationNet(**{**proposal, "spatial_dims": spatial_dims})
-        if self.proposal_net is not None:
-            self.proposal_net.requires_grad_(False)
+        self.proposal_net = (None if proposal is None else
+                             RegistrationNet(**{**proposal, "spatial_dims": spatial_dims}).requires_grad_(False))
 
     def encode_condition(self, fixed: Tensor, moving: Tensor) -> DenoiserCondition:
         """Run the image encoder(s) once for a registration.

@@ -159,8 +159,9 @@ class DiffusionLossConfig:
     from 1 .. N - 1) of the DDIM sampler's own N-step schedule, the step then trained being the
     sampler's next one, at its timestep and with the noise the sampler carries (unrolled
     training on the sampler's trajectory); the target is the teacher applied ``target_passes``
-    times recursively, with a weight going linearly from ``target_weight`` to ``target_weight_final`` over the run; with probability
-    ``swap_prob`` a pair is registered the other way round (ES to ED).
+    times recursively, with a weight going linearly from ``target_weight`` to
+    ``target_weight_final`` over the run; with probability ``swap_prob`` a pair is registered the
+    other way round (ES to ED).
     """
 
     recipe: Literal["paper", "refine"] = "paper"
