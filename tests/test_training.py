@@ -22,7 +22,8 @@ import yaml
 
 from diffusereg.models import DenoiserOutput, DiffuseRegDenoiser, RegistrationNet
 from diffusereg.pipelines import DiffuseRegPipeline
-from diffusereg.schedulers import default_scheduler
+from diffusereg.schedulers import default_scheduler, increment_fraction
+from diffusereg.spatial import compose, integrate_velocity, warp
 from diffusereg.training import (
     ConfigError,
     DataConfig,
@@ -141,7 +142,8 @@ def test_repository_configs_load() -> None:
     for name, kind in [("teacher_2d_cpu", TeacherConfig), ("teacher_3d_gpu", TeacherConfig),
                        ("diffusion_2d_cpu", DiffusionConfig), ("diffusion_3d_gpu", DiffusionConfig),
                        ("finetune_2d_gpu", DiffusionConfig), ("refine_2d_cpu", DiffusionConfig),
-                       ("refine_unrolled_2d_cpu", DiffusionConfig), ("refine_cascade_2d_cpu", DiffusionConfig)]:
+                       ("refine_unrolled_2d_cpu", DiffusionConfig), ("refine_cascade_2d_cpu", DiffusionConfig),
+                       ("refine_cascade_passes_2d_cpu", DiffusionConfig)]:
         config = load_config(REPO / "configs" / f"{name}.yaml", kind)
         assert config.data.spatial_dims == (2 if "2d" in name else 3)
         assert isinstance(config.optim.lr, float)
@@ -423,12 +425,15 @@ def test_resumed_schedule_with_more_steps_ends_at_the_new_length() -> None:
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
-def test_rollouts_are_the_samplers_own_state() -> None:
+@pytest.mark.parametrize("increment_passes", [None, 2.0])
+def test_rollouts_are_the_samplers_own_state(increment_passes: float | None) -> None:
     """``loss.own_schedules``: a rollout start is what the DDIM sampler holds after its first k
-    steps (estimate and carried noise), and the step trained is its next one."""
+    steps (estimate and carried noise), and the step trained is its next one; with
+    ``increment_passes`` the rollout takes the sampler's partial steps too."""
     config = DiffusionConfig(teacher="diffusereg/acdc-2d-refine", init_weights="diffusereg/acdc-2d-refine",
                              phi0_source="teacher",
-                             model={"prediction_type": "increment", "integration_steps": 7},
+                             model={"prediction_type": "increment", "integration_steps": 7,
+                                    "increment_passes": increment_passes},
                              loss=DiffusionLossConfig(recipe="refine", own_schedules=[4]))
     stage = DiffusionStage(config)
     model = stage.build_model().eval()
@@ -486,3 +491,38 @@ def test_a_teacher_proposal_starts_as_the_recursive_teacher(tmp_path: Path) -> N
     assert not any(p.requires_grad for p in loaded.proposal_net.parameters())  # fine-tuning keeps it too
     with pytest.raises(ConfigError, match="proposal"):
         DiffusionConfig(model={"proposal": "ants"})
+
+
+def test_increment_passes_share_the_teacher_passes_out_over_the_steps() -> None:
+    """``model: increment_passes: 2``: before training, each of 4 sampling steps is half a pass of
+    the teacher (its velocity halved) on the moving image warped so far, and one step is a whole
+    pass; the fraction is the config's passes over the steps, at most 1."""
+    config = DiffusionConfig(teacher="diffusereg/acdc-2d-refine", init_weights="diffusereg/acdc-2d-refine",
+                             phi0_source="teacher",
+                             model={"prediction_type": "increment", "integration_steps": 7, "proposal": "teacher",
+                                    "increment_passes": 2},
+                             loss=DiffusionLossConfig(recipe="refine"))
+    stage = DiffusionStage(config)
+    model = stage.build_model().eval()
+    assert [increment_fraction(model.config, steps) for steps in (1, 2, 4)] == [1.0, 1.0, 0.5]
+    assert increment_fraction({"prediction_type": "increment"}, 10) == 1.0  # a config saved before the setting
+    blur = torch.nn.AvgPool2d(9, stride=1, padding=4)
+    fixed = blur(torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(0)))
+    moving = fixed.roll(3, dims=-1)
+    pipe = stage.pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    teacher = stage.frozen_teacher()
+    inner = (..., slice(16, -16), slice(16, -16))
+    with torch.no_grad():
+        halves = torch.zeros(1, 2, 64, 64)
+        for _ in range(4):
+            velocity = teacher.velocity(fixed, warp(moving, halves))
+            halves = compose(halves, integrate_velocity(0.5 * velocity, teacher.config.integration_steps))
+        one_shot = teacher(fixed, moving)
+    field = pipe(fixed, moving, num_inference_steps=4, generator=torch.Generator().manual_seed(0)).field
+    torch.testing.assert_close(field[inner], halves[inner], atol=5e-3, rtol=0)
+    assert (halves - teacher.recursive(fixed, moving, 4))[inner].abs().max() > 0.05  # not four whole passes
+    field = pipe(fixed, moving, num_inference_steps=1, generator=torch.Generator().manual_seed(0)).field
+    torch.testing.assert_close(field[inner], one_shot[inner], atol=5e-3, rtol=0)
+    with pytest.raises(ValueError, match="increment_passes"):
+        DiffuseRegDenoiser(spatial_dims=2, prediction_type="epsilon", increment_passes=2)

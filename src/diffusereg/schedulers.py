@@ -5,7 +5,8 @@
 - :func:`clean_and_noise` / :func:`prediction_target`: what a denoiser's output means
   (:data:`~diffusereg.models.PREDICTION_TYPES`), in both directions; :func:`denoise`: one call of
   a denoiser read as the clean-field estimate, for every prediction type (an ``"increment"``
-  denoiser refines the current estimate: :func:`refined_estimate`).
+  denoiser refines the current estimate: :func:`refined_estimate`, by the share of each step that
+  :func:`increment_fraction` gives).
 - :class:`FieldNormalizer` (defined beside the denoiser interface, which also uses it): the
   per-axis z-scoring of displacement fields whose statistics a denoiser's config carries
   (``field_mean``, ``field_std``).
@@ -28,8 +29,8 @@ from diffusereg.models import PREDICTION_TYPES, DenoiserCondition
 from diffusereg.models.interface import FieldNormalizer
 from diffusereg.spatial import compose, integrate_velocity
 
-__all__ = ["Denoised", "FieldNormalizer", "clean_and_noise", "default_scheduler", "denoise", "prediction_target",
-           "refined_estimate", "scheduler_of_kind", "scheduler_prediction_type"]
+__all__ = ["Denoised", "FieldNormalizer", "clean_and_noise", "default_scheduler", "denoise", "increment_fraction",
+           "prediction_target", "refined_estimate", "scheduler_of_kind", "scheduler_prediction_type"]
 
 SCHEDULER_KINDS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
@@ -106,12 +107,21 @@ def prediction_target(clean: Tensor, noise: Tensor, alpha_bar: Tensor, predictio
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
+def increment_fraction(config: Mapping[str, Any], num_inference_steps: int) -> float:
+    """The share of its predicted increment that each step of a ``num_inference_steps``-step
+    sampling run applies, for a denoiser with this ``config``: ``min(1, increment_passes /
+    num_inference_steps)``, or 1 where ``increment_passes`` is None or absent (whole increments)."""
+    passes = config.get("increment_passes")
+    return 1.0 if passes is None else min(1.0, passes / num_inference_steps)
+
+
 def refined_estimate(prediction: Tensor, estimate: Tensor, normalizer: FieldNormalizer,
-                     integration_steps: int) -> Tensor:
+                     integration_steps: int, fraction: float = 1.0) -> Tensor:
     """The clean field an ``"increment"`` denoiser predicts: its current ``estimate`` (voxels,
     ``(B, ndim, *S)``) composed with the diffeomorphic increment whose z-scored stationary
-    velocity is ``prediction``: ``compose(estimate, exp(denormalize(prediction)))``, voxels."""
-    increment = integrate_velocity(normalizer.denormalize(prediction), integration_steps)
+    velocity is ``prediction``, ``fraction`` of it: ``compose(estimate, exp(fraction *
+    denormalize(prediction)))``, voxels."""
+    increment = integrate_velocity(fraction * normalizer.denormalize(prediction), integration_steps)
     return compose(estimate, increment)
 
 
@@ -127,14 +137,16 @@ class Denoised:
 
 def denoise(denoiser: torch.nn.Module, config: Mapping[str, Any], noisy: Tensor, timestep: Tensor, alpha_bar: Tensor,
             normalizer: FieldNormalizer, estimate: Tensor | None = None, condition: DenoiserCondition | None = None,
-            fixed: Tensor | None = None, moving: Tensor | None = None) -> Denoised:
+            fixed: Tensor | None = None, moving: Tensor | None = None, fraction: float = 1.0) -> Denoised:
     """Call ``denoiser`` (whose config is ``config``) on the z-scored noisy field ``noisy``
     ``(B, ndim, *S)`` at ``timestep`` (cumulative signal fraction ``alpha_bar``, broadcastable),
     given a ``condition`` or the ``fixed`` and ``moving`` images, and read what it predicts.
 
     A denoiser of ``prediction_type="increment"`` refines ``estimate`` (voxels; zeros at the first
     step from noise): it is given the noise around that estimate, ``noisy - sqrt(a) z(estimate)``,
-    and a condition (or moving image) warped by it; its clean field is :func:`refined_estimate`.
+    and a condition (or moving image) warped by it; its clean field is :func:`refined_estimate`
+    with ``fraction`` of the increment (a sampling step's share, :func:`increment_fraction`; 1:
+    the whole clean-field prediction, as the training loss scores it).
     Every other type reads as :func:`clean_and_noise` says.
     """
     prediction_type = config["prediction_type"]
@@ -147,7 +159,8 @@ def denoise(denoiser: torch.nn.Module, config: Mapping[str, Any], noisy: Tensor,
     images = {} if condition is not None else {"fixed": fixed.to(dtype), "moving": moving.to(dtype)}
     prediction = denoiser(sample.to(dtype), timestep.expand(noisy.shape[0]), condition=condition, **images).sample.float()
     if prediction_type == "increment":
-        clean = normalizer.normalize(refined_estimate(prediction, estimate, normalizer, config["integration_steps"]))
+        clean = normalizer.normalize(refined_estimate(prediction, estimate, normalizer, config["integration_steps"],
+                                                        fraction))
         clean, noise = clean_and_noise(clean, noisy, alpha_bar, "sample")
     else:
         clean, noise = clean_and_noise(prediction, noisy, alpha_bar, prediction_type)

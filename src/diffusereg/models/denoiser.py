@@ -77,6 +77,11 @@ class DiffuseRegDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
             output, a residual. A step whose residual is zero is one pass of the recursive teacher.
             The proposal network is frozen (``requires_grad=False``): training, and fine-tuning a
             saved model, change the residual only.
+        increment_passes: how many whole increments one sampling run of an ``"increment"``
+            denoiser applies in all: each of ``N`` steps applies the share ``min(1, increment_passes
+            / N)`` of its predicted velocity (:func:`~diffusereg.schedulers.increment_fraction`), so
+            that more steps refine the same path in smaller steps instead of adding whole passes.
+            None: every step applies all of it. Stored only: the network is the same.
 
     Inputs of every spatial size that is a multiple of 32 are accepted.
 
@@ -106,6 +111,7 @@ class DiffuseRegDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
         prediction_type: str = "epsilon",
         integration_steps: int = 7,
         proposal: dict | None = None,
+        increment_passes: float | None = None,
     ) -> None:
         super().__init__()
         self.size_multiple = SIZE_MULTIPLE
@@ -117,6 +123,9 @@ class DiffuseRegDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         if proposal is not None and prediction_type != "increment":
             raise ValueError(f"a proposal network goes with prediction_type 'increment', got {prediction_type!r}")
+        if increment_passes is not None and (prediction_type != "increment" or increment_passes <= 0):
+            raise ValueError(f"increment_passes must be None or > 0 with prediction_type 'increment', got "
+                             f"{increment_passes!r} with {prediction_type!r}")
         if condition_mask not in CONDITION_MASKS:
             raise ValueError(f"condition_mask must be one of {CONDITION_MASKS}, got {condition_mask!r}")
         defaults = DEFAULTS[spatial_dims]

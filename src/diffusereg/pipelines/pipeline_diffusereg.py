@@ -20,7 +20,7 @@ from diffusereg.hub import WeightsError, check_weights, resolve_model
 from diffusereg.io import Grid, write_atomically
 from diffusereg.models import DiffuseRegDenoiser, RegistrationNet
 from diffusereg.pipelines.layout import ModelGridBatch
-from diffusereg.schedulers import FieldNormalizer, clean_and_noise, denoise, prediction_target
+from diffusereg.schedulers import FieldNormalizer, clean_and_noise, denoise, increment_fraction, prediction_target
 from diffusereg.spatial import warp, warp_labels
 
 __all__ = ["DiffuseRegPipeline", "DiffuseRegPipelineOutput"]
@@ -321,7 +321,8 @@ class DiffuseRegPipeline(DiffusionPipeline):
                 slice in one batch (zero displacement across slices). Or ``fixed`` is a
                 :class:`~diffusereg.pipelines.layout.ModelGridBatch` from :meth:`prepare_batch`
                 (checked already) and ``moving`` and ``moving_labels`` are None.
-            num_inference_steps: sampling steps.
+            num_inference_steps: sampling steps (of a denoiser with ``increment_passes``, each
+                applies its share of them, :func:`~diffusereg.schedulers.increment_fraction`).
             guidance: guides (see :mod:`diffusereg.guidance`) or plain functions
                 ``(field, fixed, moving) -> loss``; each acts in its own range of steps.
             callback_on_step_end: ``callback(pipe, step, timestep, callback_kwargs) -> dict`` or a
@@ -361,6 +362,7 @@ class DiffuseRegPipeline(DiffusionPipeline):
         condition = self.denoiser.encode_condition(fixed_n.to(self.denoiser.dtype), moving_n.to(self.denoiser.dtype))
         # 3. timesteps
         timesteps = self.get_timesteps(num_inference_steps, strength)
+        fraction = increment_fraction(self.denoiser.config, num_inference_steps)
         # 4. initial field (and estimate of the clean field)
         field_t, x0 = self.prepare_initial_field(batch, init_field, timesteps[0], num_samples, generator)
         # 5. denoising loop: denoiser, guidance, scheduler step, callbacks
@@ -369,7 +371,7 @@ class DiffuseRegPipeline(DiffusionPipeline):
             alpha_bar = self.scheduler.alphas_cumprod[int(t)].to(device)
             step_condition = self.condition_for(condition, moving_n, x0)
             denoised = denoise(self.denoiser, self.denoiser.config, field_t, t, alpha_bar, normalizer, estimate=x0,
-                               condition=step_condition)
+                               condition=step_condition, fraction=fraction)
             x0_z, noise = denoised.clean, denoised.noise
             x0 = normalizer.denormalize(x0_z)
             active = [guide for guide in guides if guide.is_active(i, len(timesteps))]

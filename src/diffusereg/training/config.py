@@ -199,7 +199,7 @@ class TeacherConfig(StageConfig):
     cache_dtype: Literal["float16", "float32"] = "float16"  # storage type of the phi0 cache
 
 
-PARAMETRISATION_KEYS = {"prediction_type", "integration_steps", "proposal"}
+PARAMETRISATION_KEYS = {"prediction_type", "integration_steps", "proposal", "increment_passes"}
 """Denoiser settings that keep its network: ``model`` may set them with ``init_weights``
 (``proposal: teacher`` adds the teacher to it, see :class:`DiffusionConfig`)."""
 

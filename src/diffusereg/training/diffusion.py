@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from diffusereg.hub import resolve_model
 from diffusereg.models import DiffuseRegDenoiser, RegistrationNet
 from diffusereg.pipelines import DiffuseRegPipeline
-from diffusereg.schedulers import Denoised, FieldNormalizer, default_scheduler, denoise
+from diffusereg.schedulers import Denoised, FieldNormalizer, default_scheduler, denoise, increment_fraction
 from diffusereg.spatial import warp
 from diffusereg.training.config import ConfigError, DiffusionConfig
 from diffusereg.training.data import FieldStatistics, Phi0Cache, WithPhi0, build_dataset
@@ -244,10 +244,11 @@ class DiffusionStage(Stage):
         timesteps = self.sampler.timesteps
         estimate = torch.zeros(fixed.shape[0], fixed.ndim - 2, *fixed.shape[2:], device=device)
         noisy = torch.randn(estimate.shape, generator=generator, device=device)  # pure noise, where sampling starts
+        fraction = increment_fraction(self.model_config, steps)
         for step, t in enumerate(timesteps[:count]):
             if step:
                 noisy = self.scheduler.add_noise(self.normalizer.normalize(estimate), noise, t[None])
-            denoised = self._refine(model, noisy, t, estimate, fixed, moving)
+            denoised = self._refine(model, noisy, t, estimate, fixed, moving, fraction)
             estimate, noise = self.normalizer.denormalize(denoised.clean), denoised.noise
         return estimate, timesteps[count].expand(fixed.shape[0]), noise
 
@@ -266,12 +267,13 @@ class DiffusionStage(Stage):
         return estimate
 
     def _refine(self, model: nn.Module, noisy: Tensor, timestep: Tensor, estimate: Tensor, fixed: Tensor,
-                moving: Tensor) -> Denoised:
+                moving: Tensor, fraction: float = 1.0) -> Denoised:
         """One sampling step of ``model`` (no guidance) from the z-scored ``noisy`` field at the scalar
-        ``timestep``, refining ``estimate`` (voxels) on the moving image warped by it."""
+        ``timestep``, refining ``estimate`` (voxels) on the moving image warped by it by ``fraction``
+        of the increment (:func:`~diffusereg.schedulers.increment_fraction`)."""
         alpha_bar = self.scheduler.alphas_cumprod.to(noisy.device)[timestep]
         return denoise(model, self.model_config, noisy, timestep, alpha_bar, self.normalizer, estimate=estimate,
-                       fixed=fixed, moving=warp(moving, estimate))
+                       fixed=fixed, moving=warp(moving, estimate), fraction=fraction)
 
     def predict_field(self, model: nn.Module, fixed: Tensor, moving: Tensor, generator: torch.Generator) -> Tensor:
         """A short DDIM sampling run (``validation.num_inference_steps``) through the pipeline."""
