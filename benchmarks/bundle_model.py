@@ -132,7 +132,7 @@ pipe = DiffuseRegPipeline.from_pretrained("{name}")
 |---|---|
 | input | fixed and moving images on the model grid: {pipe.config.model_spacing[0]} x {pipe.config.model_spacing[1]} mm in plane ({pipe.config.model_spacing[2]} mm between slices), {' x '.join(map(str, pipe.config.model_size))}, intensities in [0, 1]; `diffusereg register` does this for files in any geometry and maps the result back |
 | output | displacement field, voxels, channels first in array-axis order |
-| denoiser | `{type(pipe.denoiser).__name__}`, {config.spatial_dims}D, feature size {config.feature_size}, depths {config.depths}, heads {config.num_heads}, window {config.window_size}, {config.fusion} fusion; `prediction_type="{config.prediction_type}"`{' (every step refines the current estimate: it sees the moving image warped by it and predicts a diffeomorphic increment, ' + str(config.integration_steps) + ' scaling-and-squaring steps)' if config.prediction_type == 'increment' else ''}{'; the step is the frozen teacher (a copy inside the denoiser, `proposal`) on the fixed and the warped moving image plus the Swin network as a residual' if config.proposal else ''}; {parameters:.1f} M parameters stored in {pipe.denoiser.dtype} |
+| denoiser | `{type(pipe.denoiser).__name__}`, {config.spatial_dims}D, feature size {config.feature_size}, depths {config.depths}, heads {config.num_heads}, window {config.window_size}, {config.fusion} fusion; `prediction_type="{config.prediction_type}"`{' (every step refines the current estimate: it sees the moving image warped by it and predicts a diffeomorphic increment, ' + str(config.integration_steps) + ' scaling-and-squaring steps)' if config.prediction_type == 'increment' else ''}{'; the step is the frozen teacher (a copy inside the denoiser, `proposal`) on the fixed and the warped moving image plus the Swin network as a residual' if config.proposal else ''}{'; each of N sampling steps applies min(1, ' + format(config.increment_passes, 'g') + ' / N) of its increment (`increment_passes`)' if config.get('increment_passes') else ''}; {parameters:.1f} M parameters stored in {pipe.denoiser.dtype} |
 | scheduler | `{type(pipe.scheduler).__name__}` (DDPM on request), linear betas {pipe.scheduler.config.beta_start:g} .. {pipe.scheduler.config.beta_end:g} over {pipe.scheduler.config.num_train_timesteps} steps |
 | teacher | `teacher/`: the one-shot `RegistrationNet` whose fields, applied recursively, were the training target; the one-shot baseline below, and a start (`init_field="teacher"`) |
 
@@ -164,6 +164,9 @@ paper protocol), seed 0, {settings['threads']} CPU threads, `{settings['command'
 over patients; Dice %, NJD % of voxels, HD95 mm, seconds per case.
 
 {summary_markdown(ordered)}
+Rows named after a model (`name: DDIM k`) are that model as it was when the benchmark ran; where
+the name is this model's own, they are the release this one replaced.
+
 ## Intended use and limits
 
 Research on image registration; not for clinical decisions. Trained on ACDC cine MR only:
