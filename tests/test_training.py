@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -344,6 +345,7 @@ def test_resume_repeats_a_straight_run(stage: str, request: pytest.FixtureReques
 SHARD_SCRIPT = """
 import json, sys
 from pathlib import Path
+from typing import Any
 from diffusereg.training import DiffusionConfig, DiffusionStage, Trainer, load_config
 from diffusereg.training.data import pair_ids
 
@@ -462,29 +464,41 @@ def test_rollouts_are_the_samplers_own_state(increment_passes: float | None) -> 
         DiffusionConfig(loss=DiffusionLossConfig(own_schedules=[1]))
 
 
+def untrained_cascade(**model: Any) -> tuple[DiffusionStage, DiffuseRegDenoiser, DiffuseRegPipeline, torch.Tensor,
+                                              torch.Tensor]:
+    """A denoiser with the teacher built in (``model: proposal: teacher`` and ``model``'s further
+    settings) before any training, its stage and pipeline, and a smooth 64 x 64 pair shifted by 3
+    voxels: ``(stage, model, pipe, fixed, moving)``."""
+    config = DiffusionConfig(teacher="diffusereg/acdc-2d-refine", init_weights="diffusereg/acdc-2d-refine",
+                             phi0_source="teacher",
+                             model={"prediction_type": "increment", "integration_steps": 7, "proposal": "teacher",
+                                    **model},
+                             loss=DiffusionLossConfig(recipe="refine"))
+    stage = DiffusionStage(config)
+    denoiser = stage.build_model().eval()
+    blur = torch.nn.AvgPool2d(9, stride=1, padding=4)
+    fixed = blur(torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(0)))
+    pipe = stage.pipeline(denoiser)
+    pipe.set_progress_bar_config(disable=True)
+    return stage, denoiser, pipe, fixed, fixed.roll(3, dims=-1)
+
+
+INNER = (..., slice(16, -16), slice(16, -16))
+"""Away from the border, where the pipeline's and the teacher's integrators pad differently."""
+
+
 def test_a_teacher_proposal_starts_as_the_recursive_teacher(tmp_path: Path) -> None:
     """``model: proposal: teacher``: before training, K sampling steps are the teacher applied K
     times recursively (away from the border, where the two integrators pad differently); the
     proposal is frozen, and the denoiser saves and loads with it."""
-    config = DiffusionConfig(teacher="diffusereg/acdc-2d-refine", init_weights="diffusereg/acdc-2d-refine",
-                             phi0_source="teacher",
-                             model={"prediction_type": "increment", "integration_steps": 7, "proposal": "teacher"},
-                             loss=DiffusionLossConfig(recipe="refine"))
-    stage = DiffusionStage(config)
-    model = stage.build_model().eval()
+    stage, model, pipe, fixed, moving = untrained_cascade()
     assert not any(p.requires_grad for p in model.proposal_net.parameters())
     assert all(p.requires_grad for name, p in model.named_parameters() if not name.startswith("proposal_net."))
-    blur = torch.nn.AvgPool2d(9, stride=1, padding=4)
-    fixed = blur(torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(0)))
-    moving = fixed.roll(3, dims=-1)
-    pipe = stage.pipeline(model)
-    pipe.set_progress_bar_config(disable=True)
     field = pipe(fixed, moving, num_inference_steps=3, generator=torch.Generator().manual_seed(0)).field
     with torch.no_grad():
         recursive = stage.frozen_teacher().recursive(fixed, moving, 3)
-    inner = (..., slice(16, -16), slice(16, -16))
-    assert recursive[inner].abs().max() > 1.0  # a real displacement
-    torch.testing.assert_close(field[inner], recursive[inner], atol=5e-3, rtol=0)
+    assert recursive[INNER].abs().max() > 1.0  # a real displacement
+    torch.testing.assert_close(field[INNER], recursive[INNER], atol=5e-3, rtol=0)
     model.save_pretrained(tmp_path / "denoiser")
     loaded = DiffuseRegDenoiser.from_pretrained(tmp_path / "denoiser")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
@@ -497,22 +511,10 @@ def test_increment_passes_share_the_teacher_passes_out_over_the_steps() -> None:
     """``model: increment_passes: 2``: before training, each of 4 sampling steps is half a pass of
     the teacher (its velocity halved) on the moving image warped so far, and one step is a whole
     pass; the fraction is the config's passes over the steps, at most 1."""
-    config = DiffusionConfig(teacher="diffusereg/acdc-2d-refine", init_weights="diffusereg/acdc-2d-refine",
-                             phi0_source="teacher",
-                             model={"prediction_type": "increment", "integration_steps": 7, "proposal": "teacher",
-                                    "increment_passes": 2},
-                             loss=DiffusionLossConfig(recipe="refine"))
-    stage = DiffusionStage(config)
-    model = stage.build_model().eval()
+    stage, model, pipe, fixed, moving = untrained_cascade(increment_passes=2)
     assert [increment_fraction(model.config, steps) for steps in (1, 2, 4)] == [1.0, 1.0, 0.5]
     assert increment_fraction({"prediction_type": "increment"}, 10) == 1.0  # a config saved before the setting
-    blur = torch.nn.AvgPool2d(9, stride=1, padding=4)
-    fixed = blur(torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(0)))
-    moving = fixed.roll(3, dims=-1)
-    pipe = stage.pipeline(model)
-    pipe.set_progress_bar_config(disable=True)
     teacher = stage.frozen_teacher()
-    inner = (..., slice(16, -16), slice(16, -16))
     with torch.no_grad():
         halves = torch.zeros(1, 2, 64, 64)
         for _ in range(4):
@@ -520,9 +522,9 @@ def test_increment_passes_share_the_teacher_passes_out_over_the_steps() -> None:
             halves = compose(halves, integrate_velocity(0.5 * velocity, teacher.config.integration_steps))
         one_shot = teacher(fixed, moving)
     field = pipe(fixed, moving, num_inference_steps=4, generator=torch.Generator().manual_seed(0)).field
-    torch.testing.assert_close(field[inner], halves[inner], atol=5e-3, rtol=0)
-    assert (halves - teacher.recursive(fixed, moving, 4))[inner].abs().max() > 0.05  # not four whole passes
+    torch.testing.assert_close(field[INNER], halves[INNER], atol=5e-3, rtol=0)
+    assert (halves - teacher.recursive(fixed, moving, 4))[INNER].abs().max() > 0.05  # not four whole passes
     field = pipe(fixed, moving, num_inference_steps=1, generator=torch.Generator().manual_seed(0)).field
-    torch.testing.assert_close(field[inner], one_shot[inner], atol=5e-3, rtol=0)
+    torch.testing.assert_close(field[INNER], one_shot[INNER], atol=5e-3, rtol=0)
     with pytest.raises(ValueError, match="increment_passes"):
         DiffuseRegDenoiser(spatial_dims=2, prediction_type="epsilon", increment_passes=2)
