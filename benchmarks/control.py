@@ -1,10 +1,9 @@
 """Control you can measure: guidance, early stopping and uncertainty on ACDC validation cases.
 
 Run (from the repository root, ACDC beside the checkout); the defaults are the settings of the
-published run, ``benchmarks/results/control_val``, made on ``diffusereg/acdc-2d-refine`` when it
-was the shipped model (so the run's settings name it ``diffusereg/acdc-2d``):
+published run, ``benchmarks/results/control_val`` (the shipped model at the library's default steps):
 
-    python benchmarks/control.py --model diffusereg/acdc-2d-refine
+    python benchmarks/control.py
 
 Every case of the validation split (``--patients`` to restrict) is registered once per seed
 (``--seeds``) without guidance ("none", ``--steps`` DDIM steps), and every configuration below is
@@ -77,6 +76,7 @@ from matplotlib.lines import Line2D
 from scipy import ndimage, stats
 from tqdm.auto import tqdm
 
+from diffusereg import DEFAULT_STEPS
 from diffusereg.callbacks import EarlyStopping, TrajectoryRecorder
 from diffusereg.data import ACDCDataset, PreprocessedPair
 from diffusereg.evaluation import RegistrationResult, pipeline_registrar, score_case, summarize, summary_markdown
@@ -601,7 +601,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default="diffusereg/acdc-2d")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/control_val"))
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    parser.add_argument("--steps", type=int, default=5, help="DDIM steps of every configuration")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                        help="DDIM steps of every configuration (default: the library's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="initial-noise seeds, the same for all")
     parser.add_argument("--smoothness-scales", type=float, nargs="+", default=[1.0])
     parser.add_argument("--raw-similarity-scale", type=float, default=1.0,

@@ -247,6 +247,14 @@ def test_fold_guidance_removes_every_fold_and_leaves_a_fold_free_field_as_it_is(
     assert torch.equal(FoldGuidance().correct(smooth, image, image), smooth)
 
 
+def test_fold_guidance_warns_when_folds_are_left_on_the_returned_field():
+    torch.manual_seed(0)
+    folding = 3.0 * torch.randn(2, 2, 24, 24)
+    with pytest.warns(UserWarning, match=r"voxels of the returned field still fold .* max_iterations=1"):
+        left = FoldGuidance(max_iterations=1).correct_output(folding)
+    assert (jacobian_determinant(left, method="forward") <= 0).any()
+
+
 def test_similarity_guidance_with_fold_guidance_after_it_returns_a_fold_free_field(pipe2d, pair):
     fixed, moving = pair
     folds = lambda field: int((jacobian_determinant(field[None]) <= 0).sum())  # noqa: E731

@@ -112,13 +112,13 @@ REFINE_CORRECTS_TOO_LITTLE = pytest.mark.xfail(
                         "wrong field only 18 % of the way back, not half (docs/evaluation.md)")
 
 
-CASCADE_CORRECTS_TOO_LITTLE = pytest.mark.xfail(
-    strict=True, reason="the shipped cascade passes the zero half but brings a wrong field 38 % of the way back "
+SHIPPED_CORRECTS_TOO_LITTLE = pytest.mark.xfail(
+    strict=True, reason="the shipped model passes the zero half but brings a wrong field 38 % of the way back "
                         "(0.89 -> 0.55 voxels), not half (docs/evaluation.md)")
 
 
 @pytest.mark.acdc
-@pytest.mark.parametrize("model", [pytest.param(SHIPPED, marks=CASCADE_CORRECTS_TOO_LITTLE),
+@pytest.mark.parametrize("model", [pytest.param(SHIPPED, marks=SHIPPED_CORRECTS_TOO_LITTLE),
                                    pytest.param("diffusereg/acdc-2d-refine", marks=REFINE_CORRECTS_TOO_LITTLE),
                                    pytest.param("diffusereg/acdc-2d-paper", marks=PAPER_IGNORES_IMAGES)])
 def test_the_denoiser_reads_the_images_at_low_noise(acdc_root: Path, model: str) -> None:

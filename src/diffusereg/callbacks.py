@@ -50,7 +50,7 @@ class StepCallback:
 
 
 class EarlyStopping(StepCallback):
-    """Stop sampling once the clean-field estimate has settled.
+    """Stop sampling once the field estimate ``x0`` has settled.
 
     After each step, the change of ``x0`` since the previous step is measured as the mean
     absolute difference over all voxels and channels (voxels). Sampling stops when that change

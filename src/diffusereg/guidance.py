@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
@@ -146,7 +147,7 @@ class SmoothnessGuidance(Guide):
     It makes the whole field smoother; it does not aim at folds (a few voxels with a Jacobian
     determinant <= 0), which :class:`FoldGuidance` removes. The step multiplies the finest
     (checkerboard) pattern of a 2D field by about ``1 - 4 * scale``: scales below 0.5 damp it, 0.25
-    removes it, scales above 0.5 amplify it and fold the field. What each does on ACDC:
+    removes it, scales above 0.5 amplify it and can fold the field. What each does on ACDC:
     ``docs/pipeline.md`` (``benchmarks/control.py``).
     """
 
@@ -197,8 +198,15 @@ class FoldGuidance(Guide):
 
     def correct_output(self, field: torch.Tensor) -> torch.Tensor:
         """Folds removed again on the grid the field is returned on: resampling a fold-free field
-        to another grid, or averaging samples, can fold it."""
-        return self.remove_folds(field)
+        to another grid, or averaging samples, can fold it. Warns (``UserWarning``) if folds are
+        left after ``max_iterations``: the returned field then still folds."""
+        field = self.remove_folds(field)
+        left = int((jacobian_determinant(field, method="forward") <= 0).sum())
+        if left:
+            warnings.warn(f"FoldGuidance: {left} voxels of the returned field still fold (Jacobian determinant "
+                          f"<= 0) after max_iterations={self.max_iterations}; raise max_iterations or scale",
+                          UserWarning, stacklevel=2)
+        return field
 
     def __repr__(self) -> str:
         return (f"FoldGuidance(threshold={self.threshold}, scale={self.scale}, max_iterations={self.max_iterations}, "

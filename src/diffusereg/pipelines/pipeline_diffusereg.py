@@ -328,8 +328,9 @@ class DiffuseRegPipeline(DiffusionPipeline):
             callback_on_step_end: ``callback(pipe, step, timestep, callback_kwargs) -> dict`` or a
                 list of them, run after every step (see :mod:`diffusereg.callbacks`).
             callback_on_step_end_tensor_inputs: tensors put in ``callback_kwargs``: ``"x0"`` (the
-                clean-field estimate, ``(num_samples, *field)`` in the layout of ``field`` below,
-                voxels of the model grid) and ``"warped"`` (the moving image warped by it,
+                step's field estimate, what the call returns if it stops there: with partial
+                steps, after the step's share of its increment; ``(num_samples, *field)`` in the
+                layout of ``field`` below, voxels of the model grid) and ``"warped"`` (the moving image warped by it,
                 ``(num_samples, *image)``). Callbacks with a ``tensor_inputs`` attribute add theirs.
             moving_labels: integer label map given like ``moving``, warped with nearest neighbour.
             num_samples: independent samples per pair; the field is their mean, ``uncertainty`` their

@@ -63,7 +63,7 @@ class StepState:
     """The registration after ``step`` sampling steps (0: before the first), on the model grid.
 
     Arrays hold the ``D`` slices of the model grid (``D = 1`` for 2D images); the field is the
-    mean over samples of the step's clean-field estimate, i.e. the result if sampling stopped now.
+    mean over samples of the step's field estimate ``x0``, i.e. the result if sampling stopped now.
 
     Attributes:
         step: steps done.
