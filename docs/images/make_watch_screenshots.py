@@ -17,6 +17,7 @@ import threading
 from make_figures import HERE, untrained_pipeline
 from playwright.sync_api import expect, sync_playwright
 
+from diffusereg import DEFAULT_STEPS
 from diffusereg.hub import load_pipeline
 from diffusereg.watch import WatchServer, WatchSession
 
@@ -25,13 +26,13 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 def take_screenshots(url: str, guided: bool) -> None:
-    """Register the phantom (20 steps, 2 samples), shoot while it runs, press Stop, shoot again."""
+    """Register the phantom (10 steps, 2 samples), shoot while it runs, press Stop, shoot again."""
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1360, "height": 860})
         page.goto(url)
-        expect(page.locator("#step")).to_have_text("step 0 / 10")
-        page.fill("#steps", "20")
+        expect(page.locator("#step")).to_have_text(f"step 0 / {DEFAULT_STEPS}")
+        page.fill("#steps", "10")
         page.fill("#samples", "2")
         if guided:
             page.check("#smoothness-on")
@@ -39,7 +40,7 @@ def take_screenshots(url: str, guided: bool) -> None:
             for box in page.locator("#organs input").all():
                 box.check()
         page.click("#register")
-        expect(page.locator("#step")).to_have_text(re.compile(r"step [4-9] / 20"), timeout=120_000)
+        expect(page.locator("#step")).to_have_text(re.compile(r"step [4-9] / 10"), timeout=120_000)
         page.screenshot(path=HERE / "watch_running.png")
         page.click("#stop")
         expect(page.locator("#status")).to_have_text("stopped", timeout=120_000)
