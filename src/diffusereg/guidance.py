@@ -185,23 +185,24 @@ class FoldGuidance(Guide):
     def loss(self, field: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         return F.relu(self.threshold - jacobian_determinant(field, method="forward")).mean()
 
-    def remove_folds(self, field: torch.Tensor) -> torch.Tensor:
-        """``field`` (B, ndim, *S) voxels with its folds removed (or ``max_iterations`` steps taken)."""
+    def remove_folds(self, field: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``field`` (B, ndim, *S) voxels with its folds removed (or ``max_iterations`` steps
+        taken), and the number of voxels that still fold (0 unless the iterations ran out)."""
         for _ in range(self.max_iterations):
-            if not (jacobian_determinant(field, method="forward") <= 0).any():
-                break
+            folding = int((jacobian_determinant(field, method="forward") <= 0).sum())
+            if not folding:
+                return field, 0
             field = field - self.scale * _voxel_gradient(self.loss, field, field, field)
-        return field
+        return field, int((jacobian_determinant(field, method="forward") <= 0).sum())
 
     def correct(self, field: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        return self.remove_folds(field)
+        return self.remove_folds(field)[0]
 
     def correct_output(self, field: torch.Tensor) -> torch.Tensor:
         """Folds removed again on the grid the field is returned on: resampling a fold-free field
         to another grid, or averaging samples, can fold it. Warns (``UserWarning``) if folds are
         left after ``max_iterations``: the returned field then still folds."""
-        field = self.remove_folds(field)
-        left = int((jacobian_determinant(field, method="forward") <= 0).sum())
+        field, left = self.remove_folds(field)
         if left:
             warnings.warn(f"FoldGuidance: {left} voxels of the returned field still fold (Jacobian determinant "
                           f"<= 0) after max_iterations={self.max_iterations}; raise max_iterations or scale",
