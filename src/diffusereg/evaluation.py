@@ -108,7 +108,7 @@ def teacher_registrar(model: torch.nn.Module, passes: int = 1) -> Registrar:
     @torch.no_grad()
     def register(fixed: np.ndarray, moving: np.ndarray) -> RegistrationResult:
         batch = ModelGridBatch.from_arrays(fixed, moving, None, model.config.spatial_dims, model.size_multiple)
-        field = model.recursive(batch.fixed.to(parameter), batch.moving.to(parameter), passes).float().cpu()
+        field = model.recursive(batch.fixed.to(parameter), batch.moving.to(parameter), passes)[-1].float().cpu()
         return RegistrationResult(batch.to_output(field, is_field=True).numpy())
 
     return register

@@ -143,21 +143,27 @@ def denoise(denoiser: torch.nn.Module, config: Mapping[str, Any], noisy: Tensor,
     given a ``condition`` or the ``fixed`` and ``moving`` images, and read what it predicts.
 
     A denoiser of ``prediction_type="increment"`` refines ``estimate`` (voxels; zeros at the first
-    step from noise): it is given the noise around that estimate, ``noisy - sqrt(a) z(estimate)``,
-    and a condition (or moving image) warped by it; its clean field is :func:`refined_estimate`
+    step from noise): a self-conditioned one reads ``noisy`` and ``z(estimate)``, any other the
+    noise around that estimate, ``noisy - sqrt(a) z(estimate)``; both a condition (or moving image)
+    warped by it; its clean field is :func:`refined_estimate`
     with ``fraction`` of the increment (a sampling step's share, :func:`increment_fraction`; 1:
     the whole clean-field prediction, as the training loss scores it).
     Every other type reads as :func:`clean_and_noise` says.
     """
     prediction_type = config["prediction_type"]
-    sample = noisy
+    sample, inputs = noisy, {}
     if prediction_type == "increment":
         if estimate is None:
             raise ValueError("an increment denoiser refines an estimate: give estimate (zeros from noise)")
-        sample = noisy - alpha_bar.sqrt() * normalizer.normalize(estimate)
+        if config.get("self_conditioning"):
+            inputs["estimate"] = normalizer.normalize(estimate)
+        else:
+            sample = noisy - alpha_bar.sqrt() * normalizer.normalize(estimate)
     dtype = next(denoiser.parameters()).dtype
-    images = {} if condition is not None else {"fixed": fixed.to(dtype), "moving": moving.to(dtype)}
-    prediction = denoiser(sample.to(dtype), timestep.expand(noisy.shape[0]), condition=condition, **images).sample.float()
+    if condition is None:
+        inputs.update(fixed=fixed.to(dtype), moving=moving.to(dtype))
+    prediction = denoiser(sample.to(dtype), timestep.expand(noisy.shape[0]), condition=condition,
+                          **{name: x.to(dtype) for name, x in inputs.items()}).sample.float()
     if prediction_type == "increment":
         clean = normalizer.normalize(refined_estimate(prediction, estimate, normalizer, config["integration_steps"],
                                                         fraction))

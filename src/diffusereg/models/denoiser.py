@@ -82,6 +82,9 @@ class DiffuseRegDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
             / N)`` of its predicted velocity (:func:`~diffusereg.schedulers.increment_fraction`), so
             that more steps refine the same path in smaller steps instead of adding whole passes.
             None: every step applies all of it. Stored only: the network is the same.
+        self_conditioning: the network reads, beside the noisy field, the field estimate of the
+            previous sampling step (``condition.estimate``, z-scored; zeros at the first step), as
+            extra input channels (self-conditioning, Chen et al. 2022).
 
     Inputs of every spatial size that is a multiple of 32 are accepted.
 
@@ -112,6 +115,7 @@ class DiffuseRegDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
         integration_steps: int = 7,
         proposal: dict | None = None,
         increment_passes: float | None = None,
+        self_conditioning: bool = False,
     ) -> None:
         super().__init__()
         self.size_multiple = SIZE_MULTIPLE
@@ -154,19 +158,20 @@ class DiffuseRegDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
         layout = SwinLayout(spatial_dims, feature_size, depths, num_heads, window_size, patch_size=2,
                             mlp_ratio=mlp_ratio)
         layerwise = fusion == "layerwise"
+        field_channels = spatial_dims * (2 if self_conditioning else 1)
         num_encoders = (1 if share_image_encoder else 2) if layerwise else 0
         #: ``image_encoders[0]`` encodes the fixed image, ``image_encoders[-1]`` the moving one.
         self.image_encoders = nn.ModuleList(ImageSwinEncoder(layout) for _ in range(num_encoders))
         self.backbone = FieldSwinEncoder(
             layout,
-            in_channels=spatial_dims if layerwise else spatial_dims + 2,
+            in_channels=field_channels if layerwise else field_channels + 2,
             time_embed_dim=time_embed_dim,
             num_groups=3 if layerwise else 1,
             condition_mask=condition_mask,
         )
         self.decoder = SwinUNETRDecoder(
             spatial_dims,
-            in_channels=spatial_dims + 2,
+            in_channels=field_channels + 2,
             out_channels=spatial_dims,
             feature_size=feature_size,
             time_embed_dim=time_embed_dim if time_in_resblocks else None,
@@ -212,8 +217,12 @@ class DiffuseRegDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
         if bool(self.image_encoders) != bool(condition.features):
             raise ValueError("`condition` does not fit this model; build it with this model's `encode_condition`")
         temb = self.time_embedding(self.time_proj(timestep).to(sample.dtype))
-        x_in = torch.cat([sample, condition.fixed, condition.moving], dim=1)
-        hidden = self.backbone(sample if self.image_encoders else x_in, temb, condition.features)
+        field = sample
+        if self.config.self_conditioning:
+            estimate = torch.zeros_like(sample) if condition.estimate is None else condition.estimate.to(sample)
+            field = torch.cat([sample, estimate], dim=1)
+        x_in = torch.cat([field, condition.fixed, condition.moving], dim=1)
+        hidden = self.backbone(field if self.image_encoders else x_in, temb, condition.features)
         residual = self.decoder(x_in, hidden, temb)
         if self.proposal_net is None:
             return residual

@@ -53,11 +53,14 @@ class DenoiserCondition:
         moving: moving image ``(B, 1, *S)``.
         features: image-encoder features ``features[stage][block] = (fixed_feat, moving_feat)``,
             each ``(B, *s, C)`` channels-last; empty for models that only use the images.
+        estimate: for a self-conditioned denoiser, the z-scored field estimate ``(B, ndim, *S)``
+            of the previous sampling step (the one ``moving`` was warped by); None: zeros.
     """
 
     fixed: Tensor
     moving: Tensor
     features: BlockFeatures = ()
+    estimate: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -74,7 +77,8 @@ class DenoiserCondition:
             return t.expand(batch_size, *t.shape[1:])
 
         features = tuple(tuple(tuple(grow(t) for t in block) for block in stage) for stage in self.features)
-        return replace(self, fixed=grow(self.fixed), moving=grow(self.moving), features=features)
+        estimate = None if self.estimate is None else grow(self.estimate)
+        return replace(self, fixed=grow(self.fixed), moving=grow(self.moving), features=features, estimate=estimate)
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,7 @@ class DenoiserForward:
         fixed: Tensor | None = None,
         moving: Tensor | None = None,
         condition: DenoiserCondition | None = None,
+        estimate: Tensor | None = None,
         return_dict: bool = True,
     ) -> DenoiserOutput | tuple[Tensor]:
         """Predict, per the config's ``prediction_type``, the noise in ``sample``, the clean field or
@@ -127,12 +132,16 @@ class DenoiserForward:
             timestep: diffusion step, scalar or ``(B,)``.
             fixed, moving: images ``(B, 1, *S)``; or instead
             condition: ``encode_condition(fixed, moving)`` (batch B or 1), computed once per pair.
+            estimate: the z-scored field estimate ``(B, ndim, *S)`` a self-conditioned denoiser
+                reads beside ``sample`` (put into the condition; see :class:`DenoiserCondition`).
             return_dict: return :class:`DenoiserOutput` (True) or a 1-tuple.
 
         Returns:
             The prediction ``(B, ndim, *S)`` as ``DenoiserOutput.sample`` or a 1-tuple.
         """
         condition = resolve_condition(condition, fixed, moving, self.encode_condition)
+        if estimate is not None:
+            condition = replace(condition, estimate=estimate)
         timestep, condition = check_denoiser_inputs(sample, timestep, condition)
         prediction = self.predict(sample, timestep, condition)
         return DenoiserOutput(sample=prediction) if return_dict else (prediction,)

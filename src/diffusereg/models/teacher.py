@@ -84,10 +84,9 @@ class RegistrationNet(ModelMixin, ConfigMixin):
         check_image_pair(fixed, moving, self.config.spatial_dims, self.size_multiple)
         return self.voxelmorph.backbone(torch.cat([moving, fixed], dim=1))
 
-    def recursive(self, fixed: Tensor, moving: Tensor, passes: int, one_shot: Tensor | None = None) -> Tensor:
+    def recursive(self, fixed: Tensor, moving: Tensor, passes: int, one_shot: Tensor | None = None) -> list[Tensor]:
         """The network applied ``passes`` times recursively: warp the moving image by the field so
-        far, register the warped image again, compose the fields (a recursive cascade; ``passes=1``
-        is the one-shot field).
+        far, register the warped image again, compose the fields (a recursive cascade).
 
         Args:
             fixed, moving: ``(B, 1, *S)``, intensities in ``[0, 1]``.
@@ -95,14 +94,15 @@ class RegistrationNet(ModelMixin, ConfigMixin):
             one_shot: the first pass's field ``self(fixed, moving)`` when the caller has it already.
 
         Returns:
-            Displacement ``(B, ndim, *S)`` in voxels on the fixed grid.
+            The field after each pass (``[0]`` is the one-shot field, ``[-1]`` after all
+            ``passes``), each a displacement ``(B, ndim, *S)`` in voxels on the fixed grid.
         """
         if passes < 1:
             raise ValueError(f"passes must be at least 1, got {passes}")
-        field = self(fixed, moving) if one_shot is None else one_shot
+        fields = [self(fixed, moving) if one_shot is None else one_shot]
         for _ in range(passes - 1):
-            field = compose(field, self(fixed, warp(moving, field)))
-        return field
+            fields.append(compose(fields[-1], self(fixed, warp(moving, fields[-1]))))
+        return fields
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> RegistrationNet:
         """Drop MONAI ``Warp``'s cached sampling grids (plain attributes) so ``.to()`` cannot leave them behind."""

@@ -82,6 +82,7 @@ class DataConfig:
     val_pairs: str | None = None
     batch_size: int = 1  # per process
     num_workers: int = 0
+    reverse_share: float = 0.0  # share of training pairs turned round (moving frame fixed): both directions
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -158,24 +159,23 @@ class DiffusionLossConfig:
     ``own_schedules`` listing step counts (e.g. ``[5, 10]``), after the first k steps (k drawn
     from 1 .. N - 1) of the DDIM sampler's own N-step schedule, the step then trained being the
     sampler's next one, at its timestep and with the noise the sampler carries (unrolled
-    training on the sampler's trajectory); the target is the teacher applied ``target_passes``
-    times recursively, with a weight going linearly from ``target_weight`` to
-    ``target_weight_final`` over the run; with probability ``swap_prob`` a pair is registered the
-    other way round (ES to ED).
+    training on the sampler's trajectory). The sampler's state is the target noised to the step's
+    timestep; the target is the teacher applied recursively as many times as one of
+    ``target_passes`` (drawn per pair) says, with a weight going linearly from ``target_weight``
+    to ``target_weight_final`` over the run.
     """
 
     recipe: Literal["paper", "refine"] = "paper"
     similarity_weight: float = 1.0
     smoothness_weight: float = 0.1
     ssim_window: int = 9
-    target_passes: int = 3
+    target_passes: list[int] = field(default_factory=lambda: [3])
     target_weight: float = 1.0
     target_weight_final: float = 1.0
     zero_start: float = 0.3
     teacher_start: float = 0.15
     other_start: float = 0.1
     own_schedules: list[int] = field(default_factory=list)
-    swap_prob: float = 0.0
 
 
 @dataclass
@@ -244,6 +244,8 @@ class DiffusionConfig(StageConfig):
         if self.init_weights is not None and architecture:
             raise ConfigError(f"init_weights ({self.init_weights}) brings its own architecture; `model` may only set "
                               f"{sorted(PARAMETRISATION_KEYS)} (got {architecture})")
+        if self.data.reverse_share > 0 and self.phi0_source == "cache":
+            raise ConfigError("data.reverse_share needs phi0_source: teacher (the cached phi0 register one direction only)")
         if self.data.augment.enabled and self.phi0_source == "cache":
             raise ConfigError("data.augment.enabled needs phi0_source: teacher "
                               "(the cached phi0 fit the un-augmented pairs only)")

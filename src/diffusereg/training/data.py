@@ -29,6 +29,7 @@ __all__ = [
     "FieldStatistics",
     "IMAGE_KEYS",
     "LABEL_KEYS",
+    "reverse_directions",
     "Phi0Cache",
     "WithPhi0",
     "augment_batch",
@@ -233,6 +234,25 @@ def build_augmentation(config: AugmentConfig, spatial_dims: int) -> Compose | No
 def _in_plane(value: float, spatial_dims: int) -> tuple[float, ...]:
     """A per-axis range that acts on the last two axes only."""
     return (0.0, value, value) if spatial_dims == 3 else (value, value)
+
+
+def reverse_directions(batch: dict[str, Any], share: float, generator: torch.Generator) -> dict[str, Any]:
+    """A collated batch in which each pair, with probability ``share`` (drawn with ``generator``),
+    is turned round: its moving image (and labels) become the fixed ones and vice versa, so that
+    a network learns to register in both directions (for ACDC: ES fixed / ED moving as often as
+    ED fixed / ES moving)."""
+    if share <= 0:
+        return batch
+    images = batch[IMAGE_KEYS[0]]
+    flip = torch.rand(images.shape[0], generator=generator, device=generator.device) < share
+    turned = dict(batch)
+    for fixed_key, moving_key in ((IMAGE_KEYS[0], IMAGE_KEYS[1]), (LABEL_KEYS[0], LABEL_KEYS[1])):
+        if fixed_key not in batch:
+            continue
+        mask = flip.to(batch[fixed_key].device).reshape(-1, *([1] * (batch[fixed_key].ndim - 1)))
+        turned[fixed_key] = torch.where(mask, batch[moving_key], batch[fixed_key])
+        turned[moving_key] = torch.where(mask, batch[fixed_key], batch[moving_key])
+    return turned
 
 
 def augment_batch(batch: dict[str, Any], transform: Compose, seed: int) -> dict[str, Any]:

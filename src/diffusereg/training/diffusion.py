@@ -185,15 +185,12 @@ class DiffusionStage(Stage):
 
     def _refinement_loss(self, model: nn.Module, fixed: Tensor, moving: Tensor, generator: torch.Generator,
                          progress: float) -> RefinementLoss:
-        """The refine recipe on one batch: swap some pairs, start from a mix of estimates, pull
-        towards the teacher applied recursively, with the target weight at ``progress`` of the run."""
+        """The refine recipe on one batch: start from a mix of estimates, pull towards the teacher
+        applied recursively, with the target weight at ``progress`` of the run."""
         loss = self.config.loss
-        swap = (torch.rand(fixed.shape[0], generator=generator, device=fixed.device) < loss.swap_prob).reshape(
-            -1, *([1] * (fixed.ndim - 1)))
-        fixed, moving = torch.where(swap, moving, fixed), torch.where(swap, fixed, moving)
         with torch.no_grad():
             one_shot = self.teacher(fixed, moving)
-            target = self.teacher.recursive(fixed, moving, loss.target_passes, one_shot=one_shot).float()
+            target = self._target(fixed, moving, one_shot, generator)
             one_shot = one_shot.float()
             start, timesteps, noise = self._starts(model, fixed, moving, one_shot, generator)
         weight = loss.target_weight + (loss.target_weight_final - loss.target_weight) * progress
@@ -201,6 +198,19 @@ class DiffusionStage(Stage):
                                target, generator=generator, target_weight=weight,
                                similarity_weight=loss.similarity_weight, smoothness_weight=loss.smoothness_weight,
                                ssim_window=loss.ssim_window, timesteps=timesteps, noise=noise)
+
+    def _target(self, fixed: Tensor, moving: Tensor, one_shot: Tensor, generator: torch.Generator) -> Tensor:
+        """Each pair's target (voxels): the teacher applied recursively, as many times as one of
+        ``loss.target_passes`` drawn per pair says (several counts: a target with a spread, largest
+        where the recursion has not settled)."""
+        choices = self.config.loss.target_passes
+        fields = self.teacher.recursive(fixed, moving, max(choices), one_shot=one_shot)
+        drawn = torch.tensor(choices, device=fixed.device)[
+            torch.randint(len(choices), (fixed.shape[0],), generator=generator, device=fixed.device)]
+        target = torch.zeros_like(one_shot)
+        for passes, field in enumerate(fields, start=1):
+            target = torch.where((drawn == passes).reshape(-1, *([1] * (field.ndim - 1))), field, target)
+        return target.float()
 
     def _starts(self, model: nn.Module, fixed: Tensor, moving: Tensor, one_shot: Tensor,
                 generator: torch.Generator) -> tuple[Tensor, Tensor | None, Tensor | None]:

@@ -175,11 +175,12 @@ def refinement_loss(
 ) -> RefinementLoss:
     """One training step of a denoiser that refines its estimate (``prediction_type="increment"``).
 
-    The start ``estimate`` (what a sampling step would hold: zeros, a one-shot field, the
-    denoiser's own earlier estimate) is z-scored and noised to a uniform random timestep with the
-    scheduler's ``add_noise``; the denoiser sees the noise around it and the moving image warped by
-    it, and its refined estimate ``x0_hat`` (:func:`~diffusereg.schedulers.denoise`) is scored
-    against the images (SSIM, window ``ssim_window``), for smoothness, and against ``target``.
+    The sampler's state is the ``target`` field, z-scored and noised to a uniform random timestep
+    with the scheduler's ``add_noise`` (so the state carries the field the loss asks for); the
+    denoiser reads it with the start ``estimate`` (what the previous sampling step would hold:
+    zeros, a one-shot field, the denoiser's own earlier estimate) and the moving image warped by
+    that estimate, and its refined estimate ``x0_hat`` (:func:`~diffusereg.schedulers.denoise`) is
+    scored against the images (SSIM, window ``ssim_window``), for smoothness, and against ``target``.
 
     Args:
         denoiser: an ``"increment"`` denoiser (possibly wrapped for distributed training).
@@ -188,8 +189,8 @@ def refinement_loss(
         normalizer: the field z-scoring of the denoiser's config.
         fixed, moving: ``(B, 1, *S)`` images in ``[0, 1]``.
         estimate: ``(B, ndim, *S)`` start, voxels.
-        target: ``(B, ndim, *S)`` field the estimate is pulled towards (e.g. the teacher applied
-            recursively), voxels.
+        target: ``(B, ndim, *S)`` field the state is noised from and the estimate is pulled
+            towards (e.g. the teacher applied recursively), voxels.
         generator: draws the timesteps and the noise.
         target_weight, similarity_weight, smoothness_weight: the weights of the three terms.
         ssim_window: SSIM window size.
@@ -203,7 +204,7 @@ def refinement_loss(
                                   device=estimate.device)
     if noise is None:
         noise = torch.randn(estimate.shape, generator=generator, device=estimate.device)
-    noisy = scheduler.add_noise(normalizer.normalize(estimate), noise, timesteps)
+    noisy = scheduler.add_noise(normalizer.normalize(target), noise, timesteps)
     alpha_bar = scheduler.alphas_cumprod.to(estimate.device)[timesteps].reshape(batch, *([1] * (estimate.ndim - 1)))
     x0_hat = normalizer.denormalize(denoise(denoiser, config, noisy, timesteps, alpha_bar, normalizer, estimate=estimate,
                                             fixed=fixed, moving=warp(moving, estimate)).clean)

@@ -41,7 +41,7 @@ from diffusereg.metrics import ACDC_STRUCTURES, acdc_dice, jacobian_std, njd_per
 from diffusereg.spatial import warp
 from diffusereg.training.checkpoint import TrainingProgress, latest_checkpoint, save_checkpoint
 from diffusereg.training.config import ConfigError, DiffusionConfig, OptimConfig, TeacherConfig, config_to_dict
-from diffusereg.training.data import augment_batch, build_augmentation, build_dataset, case_names
+from diffusereg.training.data import augment_batch, build_augmentation, build_dataset, case_names, reverse_directions
 
 __all__ = ["VALIDATION_COLUMNS", "Stage", "Trainer", "cosine_schedule", "resolve_mixed_precision", "step_seed"]
 
@@ -289,6 +289,7 @@ class Trainer:
         generator = torch.Generator(device=self.accelerator.device).manual_seed(seed)
         if self.augmentation is not None:
             batch = augment_batch(batch, self.augmentation, seed)
+        batch = reverse_directions(batch, self.config.data.reverse_share, generator)
         losses = self.stage.loss(self.model, batch, generator, self.step / self.config.train.max_steps)
         self.accelerator.backward(losses["loss"])
         if self.config.optim.max_grad_norm is not None:
