@@ -386,3 +386,18 @@ def test_every_prediction_type_gives_back_the_clean_field_and_the_noise(predicti
     torch.testing.assert_close(noise, eps, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="prediction_type"):
         DiffuseRegDenoiser(spatial_dims=2, feature_size=12, prediction_type="x0")
+
+
+def test_a_self_conditioned_denoiser_reads_its_estimate() -> None:
+    """``self_conditioning=True``: the estimate is an input (zeros when absent), beside the noisy field."""
+    model = perturb(tiny_denoiser(2, self_conditioning=True)).eval()
+    sample, timestep, fixed, moving = inputs(2, 2)
+    estimate = torch.randn_like(sample)
+    with torch.no_grad():
+        absent = model(sample, timestep, fixed, moving).sample
+        zeros = model(sample, timestep, fixed, moving, estimate=torch.zeros_like(sample)).sample
+        given = model(sample, timestep, fixed, moving, estimate=estimate).sample
+        other_state = model(torch.randn_like(sample), timestep, fixed, moving, estimate=estimate).sample
+    torch.testing.assert_close(absent, zeros)
+    assert not torch.allclose(given, zeros, atol=1e-4)
+    assert not torch.allclose(other_state, given, atol=1e-4)

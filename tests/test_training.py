@@ -23,7 +23,7 @@ import yaml
 
 from diffusereg.models import DenoiserOutput, DiffuseRegDenoiser, RegistrationNet
 from diffusereg.pipelines import DiffuseRegPipeline
-from diffusereg.schedulers import default_scheduler, increment_fraction
+from diffusereg.schedulers import FieldNormalizer, default_scheduler, increment_fraction
 from diffusereg.spatial import compose, integrate_velocity, warp
 from diffusereg.training import (
     ConfigError,
@@ -44,16 +44,21 @@ from diffusereg.training import (
     registration_loss,
     train_diffusion,
 )
+from diffusereg.training.objective import refinement_loss
 from diffusereg.cli import build_parser
 from diffusereg.training.cli import apply_overrides
 from diffusereg.training.config import AugmentConfig, config_to_dict
 from diffusereg.training.trainer import cosine_schedule, stretch_cosine
 from diffusereg.training.data import augment_batch, build_augmentation, build_dataset, pair_ids
+from tiny import tiny_denoiser
+from test_models import perturb
 
 REPO = Path(__file__).resolve().parents[1]
 PATIENTS = ["patient001", "patient002"]
 TINY_TEACHER = {"channels": [8, 8, 8, 8], "unet_out_channels": 8, "final_conv_channels": [8], "integration_steps": 0}
 TINY_DENOISER = {"feature_size": 8, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1], "share_image_encoder": True}
+TINY_INCREMENT = {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1],
+                  "prediction_type": "increment", "integration_steps": 7}
 
 
 def tiny_data(acdc_root: Path, batch_size: int = 2) -> DataConfig:
@@ -432,10 +437,8 @@ def test_rollouts_are_the_samplers_own_state(increment_passes: float | None) -> 
     """``loss.own_schedules``: a rollout start is what the DDIM sampler holds after its first k
     steps (estimate and carried noise), and the step trained is its next one; with
     ``increment_passes`` the rollout takes the sampler's partial steps too."""
-    config = DiffusionConfig(teacher="diffusereg/acdc-2d-refine", init_weights="diffusereg/acdc-2d-refine",
-                             phi0_source="teacher",
-                             model={"prediction_type": "increment", "integration_steps": 7,
-                                    "increment_passes": increment_passes},
+    config = DiffusionConfig(teacher="diffusereg/acdc-2d", phi0_source="teacher",
+                             model={**TINY_INCREMENT, "increment_passes": increment_passes},
                              loss=DiffusionLossConfig(recipe="refine", own_schedules=[4]))
     stage = DiffusionStage(config)
     model = stage.build_model().eval()
@@ -469,16 +472,14 @@ def untrained_cascade(**model: Any) -> tuple[DiffusionStage, DiffuseRegDenoiser,
     """A denoiser with the teacher built in (``model: proposal: teacher`` and ``model``'s further
     settings) before any training, its stage and pipeline, and a smooth 64 x 64 pair shifted by 3
     voxels: ``(stage, model, pipe, fixed, moving)``."""
-    config = DiffusionConfig(teacher="diffusereg/acdc-2d-refine", init_weights="diffusereg/acdc-2d-refine",
-                             phi0_source="teacher",
-                             model={"prediction_type": "increment", "integration_steps": 7, "proposal": "teacher",
-                                    **model},
+    config = DiffusionConfig(teacher="diffusereg/acdc-2d", phi0_source="teacher",
+                             model={**TINY_INCREMENT, "proposal": "teacher", **model},
                              loss=DiffusionLossConfig(recipe="refine"))
     stage = DiffusionStage(config)
     denoiser = stage.build_model().eval()
     blur = torch.nn.AvgPool2d(9, stride=1, padding=4)
     fixed = blur(torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(0)))
-    pipe = stage.pipeline(denoiser)
+    pipe = stage.pipeline(denoiser, stage.frozen_teacher())
     pipe.set_progress_bar_config(disable=True)
     return stage, denoiser, pipe, fixed, fixed.roll(3, dims=-1)
 
@@ -490,19 +491,20 @@ INNER = (..., slice(16, -16), slice(16, -16))
 def test_a_teacher_proposal_starts_as_the_recursive_teacher(tmp_path: Path) -> None:
     """``model: proposal: teacher``: before training, K sampling steps are the teacher applied K
     times recursively (away from the border, where the two integrators pad differently); the
-    proposal is frozen, and the denoiser saves and loads with it."""
+    teacher is the pipeline's component, stored once: the denoiser holds none of its weights."""
     stage, model, pipe, fixed, moving = untrained_cascade()
-    assert not any(p.requires_grad for p in model.proposal_net.parameters())
-    assert all(p.requires_grad for name, p in model.named_parameters() if not name.startswith("proposal_net."))
     field = pipe(fixed, moving, num_inference_steps=3, generator=torch.Generator().manual_seed(0)).field
     with torch.no_grad():
         recursive = stage.frozen_teacher().recursive(fixed, moving, 3)[-1]
     assert recursive[INNER].abs().max() > 1.0  # a real displacement
     torch.testing.assert_close(field[INNER], recursive[INNER], atol=5e-3, rtol=0)
-    model.save_pretrained(tmp_path / "denoiser")
-    loaded = DiffuseRegDenoiser.from_pretrained(tmp_path / "denoiser")
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
-    assert not any(p.requires_grad for p in loaded.proposal_net.parameters())  # fine-tuning keeps it too
+    without = DiffuseRegDenoiser(**{**dict(model.config), "proposal": None})
+    assert model.state_dict().keys() == without.state_dict().keys()  # no teacher weights inside
+    pipe.save_pretrained(tmp_path / "cascade")
+    loaded = DiffuseRegPipeline.from_pretrained(tmp_path / "cascade")
+    assert loaded.proposal is loaded.teacher and loaded.denoiser.config.proposal == "teacher"
+    with pytest.raises(ValueError, match="teacher component"):
+        DiffuseRegPipeline(denoiser=model, scheduler=pipe.scheduler)(fixed, moving)
     with pytest.raises(ConfigError, match="proposal"):
         DiffusionConfig(model={"proposal": "ants"})
 
@@ -528,3 +530,22 @@ def test_increment_passes_share_the_teacher_passes_out_over_the_steps() -> None:
     torch.testing.assert_close(field[INNER], one_shot[INNER], atol=5e-3, rtol=0)
     with pytest.raises(ValueError, match="increment_passes"):
         DiffuseRegDenoiser(spatial_dims=2, prediction_type="epsilon", increment_passes=2)
+
+
+def test_the_refine_recipe_noises_the_target_into_the_state_the_network_reads() -> None:
+    """The refine loss's state is the target noised to the timestep: at a low timestep another
+    target gives another estimate (the loss reaches what the network reads), the start held fixed."""
+    model = perturb(tiny_denoiser(2, prediction_type="increment", self_conditioning=True)).eval()
+    scheduler = default_scheduler("ddpm")
+    normalizer = FieldNormalizer.from_config(model.config)
+    images = torch.rand(2, 2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    start = torch.zeros(2, 2, 32, 32)
+    timesteps, noise = torch.tensor([20, 20]), torch.randn(2, 2, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    def estimate(target: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return refinement_loss(model, model.config, scheduler, normalizer, images[0], images[1], start, target,
+                                   timesteps=timesteps, noise=noise).x0_hat
+
+    first, second = (0.02 * torch.randn(2, 2, 32, 32, generator=torch.Generator().manual_seed(s)) for s in (2, 3))
+    assert not torch.allclose(estimate(first), estimate(second), atol=1e-5)

@@ -25,9 +25,9 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor
 
-from diffusereg.models import PREDICTION_TYPES, DenoiserCondition
+from diffusereg.models import PREDICTION_TYPES, DenoiserCondition, RegistrationNet
 from diffusereg.models.interface import FieldNormalizer
-from diffusereg.spatial import compose, integrate_velocity
+from diffusereg.spatial import compose, integrate_velocity, warp
 
 __all__ = ["Denoised", "FieldNormalizer", "clean_and_noise", "default_scheduler", "denoise", "increment_fraction",
            "prediction_target", "refined_estimate", "scheduler_of_kind", "scheduler_prediction_type"]
@@ -137,37 +137,59 @@ class Denoised:
 
 def denoise(denoiser: torch.nn.Module, config: Mapping[str, Any], noisy: Tensor, timestep: Tensor, alpha_bar: Tensor,
             normalizer: FieldNormalizer, estimate: Tensor | None = None, condition: DenoiserCondition | None = None,
-            fixed: Tensor | None = None, moving: Tensor | None = None, fraction: float = 1.0) -> Denoised:
+            fixed: Tensor | None = None, moving: Tensor | None = None, proposal: RegistrationNet | None = None,
+            fraction: float = 1.0) -> Denoised:
     """Call ``denoiser`` (whose config is ``config``) on the z-scored noisy field ``noisy``
     ``(B, ndim, *S)`` at ``timestep`` (cumulative signal fraction ``alpha_bar``, broadcastable),
-    given a ``condition`` or the ``fixed`` and ``moving`` images, and read what it predicts.
+    given a ``condition`` (from ``encode_condition``) or the ``fixed`` and ``moving`` images
+    ``(B, 1, *S)``, and read what it predicts.
 
     A denoiser of ``prediction_type="increment"`` refines ``estimate`` (voxels; zeros at the first
-    step from noise): a self-conditioned one reads ``noisy`` and ``z(estimate)``, any other the
-    noise around that estimate, ``noisy - sqrt(a) z(estimate)``; both a condition (or moving image)
-    warped by it; its clean field is :func:`refined_estimate`
-    with ``fraction`` of the increment (a sampling step's share, :func:`increment_fraction`; 1:
-    the whole clean-field prediction, as the training loss scores it).
-    Every other type reads as :func:`clean_and_noise` says.
+    step from noise), the one place where the cascade happens: ``moving`` (always given, unwarped)
+    is warped by the estimate and the denoiser conditioned on that warped image (only the moving
+    image's encoder runs again when a ``condition`` is given); a self-conditioned one also reads
+    ``z(estimate)``, any other the noise around it, ``noisy - sqrt(a) z(estimate)``. With a
+    ``proposal`` network (the teacher, for a denoiser whose config says ``proposal: teacher``) the
+    velocity is that network's on the fixed and warped images plus the denoiser's residual. The
+    clean field is :func:`refined_estimate` with ``fraction`` of the increment (a sampling step's
+    share, :func:`increment_fraction`; 1: the whole clean-field prediction, as the training loss
+    scores it). Every other type reads as :func:`clean_and_noise` says.
     """
     prediction_type = config["prediction_type"]
-    sample, inputs = noisy, {}
-    if prediction_type == "increment":
-        if estimate is None:
-            raise ValueError("an increment denoiser refines an estimate: give estimate (zeros from noise)")
-        if config.get("self_conditioning"):
-            inputs["estimate"] = normalizer.normalize(estimate)
-        else:
-            sample = noisy - alpha_bar.sqrt() * normalizer.normalize(estimate)
-    dtype = next(denoiser.parameters()).dtype
+    if prediction_type != "increment":
+        images = {} if condition is not None else {"fixed": fixed, "moving": moving}
+        prediction = _call(denoiser, noisy, timestep, condition, images)
+        return Denoised(prediction, *clean_and_noise(prediction, noisy, alpha_bar, prediction_type))
+    if estimate is None or moving is None:
+        raise ValueError("an increment denoiser refines an estimate: give estimate (zeros from noise) and moving")
+    if (config.get("proposal") is None) != (proposal is None):
+        raise ValueError(f"the denoiser's proposal is {config.get('proposal')!r}: give the teacher as proposal "
+                         "exactly when it is 'teacher'")
+    warped = warp(moving, estimate)
+    fixed_image = fixed if condition is None else condition.fixed
+    inputs: dict[str, Tensor] = {}
     if condition is None:
-        inputs.update(fixed=fixed.to(dtype), moving=moving.to(dtype))
-    prediction = denoiser(sample.to(dtype), timestep.expand(noisy.shape[0]), condition=condition,
-                          **{name: x.to(dtype) for name, x in inputs.items()}).sample.float()
-    if prediction_type == "increment":
-        clean = normalizer.normalize(refined_estimate(prediction, estimate, normalizer, config["integration_steps"],
-                                                        fraction))
-        clean, noise = clean_and_noise(clean, noisy, alpha_bar, "sample")
+        inputs.update(fixed=fixed, moving=warped)
     else:
-        clean, noise = clean_and_noise(prediction, noisy, alpha_bar, prediction_type)
-    return Denoised(prediction, clean, noise)
+        condition = denoiser.with_moving(condition, warped.to(condition.fixed.dtype))
+    sample = noisy
+    if config.get("self_conditioning"):
+        inputs["estimate"] = normalizer.normalize(estimate)
+    else:
+        sample = noisy - alpha_bar.sqrt() * normalizer.normalize(estimate)
+    prediction = _call(denoiser, sample, timestep, condition, inputs)
+    if proposal is not None:
+        parameter = next(proposal.parameters())
+        velocity = proposal.velocity(fixed_image.to(parameter), warped.to(parameter)).float()
+        prediction = prediction + normalizer.normalize(velocity)
+    clean = normalizer.normalize(refined_estimate(prediction, estimate, normalizer, config["integration_steps"],
+                                                    fraction))
+    return Denoised(prediction, *clean_and_noise(clean, noisy, alpha_bar, "sample"))
+
+
+def _call(denoiser: torch.nn.Module, sample: Tensor, timestep: Tensor, condition: DenoiserCondition | None,
+          inputs: Mapping[str, Tensor]) -> Tensor:
+    """``denoiser``'s prediction (float32) for ``sample`` at ``timestep``, its inputs cast to its weights' dtype."""
+    dtype = next(denoiser.parameters()).dtype
+    return denoiser(sample.to(dtype), timestep.expand(sample.shape[0]), condition=condition,
+                    **{name: x.to(dtype) for name, x in inputs.items()}).sample.float()

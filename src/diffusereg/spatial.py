@@ -12,13 +12,14 @@ Conventions (see ``docs/architecture.md`` and ``docs/spatial_metrics.md``):
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Warp
+from monai.networks.blocks import DVF2DDF, Warp
 
 __all__ = [
     "affine_field",
@@ -121,10 +122,18 @@ def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     return second + warp(first, second)
 
 
+@functools.lru_cache(maxsize=None)
+def _scaling_and_squaring(steps: int) -> DVF2DDF:
+    """MONAI's scaling-and-squaring layer with ``steps`` squarings, border padding (one per count)."""
+    with warnings.catch_warnings():  # MONAI's Warp says at every construction that it uses grid_sample
+        warnings.simplefilter("ignore")
+        return DVF2DDF(num_steps=steps, mode="bilinear", padding_mode="border")
+
+
 def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
-    """The displacement of the flow of a stationary velocity field, by scaling and squaring:
-    ``u = v / 2**steps``, then ``steps`` times ``u <- compose(u, u)`` (as VoxelMorph and MONAI's
-    ``DVF2DDF``). Diffeomorphic in the continuum; ``steps=0`` returns ``velocity`` itself.
+    """The displacement of the flow of a stationary velocity field, by scaling and squaring
+    (MONAI's ``DVF2DDF`` with border padding): ``u = v / 2**steps``, then ``steps`` times
+    ``u <- compose(u, u)``. Diffeomorphic in the continuum; ``steps=0`` returns ``velocity`` itself.
 
     Args:
         velocity: ``(B, ndim, *S)`` in voxels.
@@ -132,10 +141,7 @@ def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
     Returns:
         ``(B, ndim, *S)`` displacement in voxels.
     """
-    field = velocity / 2**steps
-    for _ in range(steps):
-        field = compose(field, field)
-    return field
+    return velocity if steps == 0 else _scaling_and_squaring(steps)(velocity)
 
 
 def resize_field(field: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

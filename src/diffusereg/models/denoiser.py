@@ -17,11 +17,9 @@ from diffusereg.models.interface import (
     PREDICTION_TYPES,
     DenoiserCondition,
     DenoiserForward,
-    FieldNormalizer,
     check_image_pair,
 )
 from diffusereg.models.swin_encoder import FieldSwinEncoder, ImageSwinEncoder, SwinLayout
-from diffusereg.models.teacher import RegistrationNet
 
 
 @dataclass(frozen=True)
@@ -41,13 +39,15 @@ SIZE_MULTIPLE = 32
 
 
 class DiffuseRegDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
-    r"""Predicts the noise in a z-scored displacement field given the fixed and moving images.
+    r"""Denoises a z-scored displacement field given the fixed and moving images: predicts, as its
+    ``prediction_type`` says, the noise, the clean field, the velocity, or an increment of the
+    current estimate.
 
     Architecture (DiffuseReg, Zhuo & Shen 2024): a Swin image encoder runs on the fixed and the
     moving image; a Swin backbone of the same shape runs on the noisy field, and in each of its
     (shifted) windows the field tokens attend to ``[time token, fixed tokens, moving tokens,
     field tokens]`` under a mask; a SwinUNETR decoder with time-conditioned ResBlocks maps the
-    backbone's hidden states and ``concat(field, fixed, moving)`` to the noise.
+    backbone's hidden states and ``concat(field, fixed, moving)`` to the prediction.
 
     Args:
         spatial_dims: 2 or 3.
@@ -71,12 +71,11 @@ class DiffuseRegDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
         prediction_type: what the output means: ``"epsilon"`` (the noise, as in the paper),
             ``"sample"`` (the clean z-scored field), ``"v_prediction"`` or ``"increment"``; see
             :func:`~diffusereg.schedulers.clean_and_noise`. Stored only: the network is the same.
-        proposal: config of a :class:`~diffusereg.models.RegistrationNet` (e.g. the teacher's)
-            built into the model (``"increment"`` only): the prediction is then that network's
-            z-scored velocity on the fixed and the (warped) moving image plus the Swin network's
-            output, a residual. A step whose residual is zero is one pass of the recursive teacher.
-            The proposal network is frozen (``requires_grad=False``): training, and fine-tuning a
-            saved model, change the residual only.
+        proposal: ``"teacher"`` (``"increment"`` only): the network's output is a residual added to
+            the velocity of the pipeline's teacher on the fixed and the (warped) moving image
+            (:func:`~diffusereg.schedulers.denoise`), so a step whose residual is zero is one
+            pass of the recursive teacher; None: the output is the whole velocity. Stored only:
+            the teacher is the pipeline's component, saved once.
         increment_passes: how many whole increments one sampling run of an ``"increment"``
             denoiser applies in all: each of ``N`` steps applies the share ``min(1, increment_passes
             / N)`` of its predicted velocity (:func:`~diffusereg.schedulers.increment_fraction`), so
@@ -113,7 +112,7 @@ class DiffuseRegDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
         field_std: Sequence[float] | None = None,
         prediction_type: str = "epsilon",
         integration_steps: int = 7,
-        proposal: dict | None = None,
+        proposal: str | None = None,
         increment_passes: float | None = None,
         self_conditioning: bool = False,
     ) -> None:
@@ -125,8 +124,9 @@ class DiffuseRegDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-        if proposal is not None and prediction_type != "increment":
-            raise ValueError(f"a proposal network goes with prediction_type 'increment', got {prediction_type!r}")
+        if proposal not in (None, "teacher") or (proposal is not None and prediction_type != "increment"):
+            raise ValueError(f"proposal must be None or 'teacher' (with prediction_type 'increment'), got {proposal!r} "
+                             f"with {prediction_type!r}")
         if increment_passes is not None and (prediction_type != "increment" or increment_passes <= 0):
             raise ValueError(f"increment_passes must be None or > 0 with prediction_type 'increment', got "
                              f"{increment_passes!r} with {prediction_type!r}")
@@ -177,8 +177,6 @@ class DiffuseRegDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
             time_embed_dim=time_embed_dim if time_in_resblocks else None,
             norm_num_groups=norm_num_groups,
         )
-        self.proposal_net = (None if proposal is None else
-                             RegistrationNet(**{**proposal, "spatial_dims": spatial_dims}).requires_grad_(False))
 
     def encode_condition(self, fixed: Tensor, moving: Tensor) -> DenoiserCondition:
         """Run the image encoder(s) once for a registration.
@@ -223,8 +221,4 @@ class DiffuseRegDenoiser(DenoiserForward, ModelMixin, ConfigMixin):
             field = torch.cat([sample, estimate], dim=1)
         x_in = torch.cat([field, condition.fixed, condition.moving], dim=1)
         hidden = self.backbone(field if self.image_encoders else x_in, temb, condition.features)
-        residual = self.decoder(x_in, hidden, temb)
-        if self.proposal_net is None:
-            return residual
-        velocity = self.proposal_net.velocity(condition.fixed, condition.moving)
-        return residual + FieldNormalizer.from_config(self.config).normalize(velocity)
+        return self.decoder(x_in, hidden, temb)

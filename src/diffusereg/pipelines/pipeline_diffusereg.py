@@ -194,6 +194,9 @@ class DiffuseRegPipeline(DiffusionPipeline):
         if isinstance(init_field, str) and (init_field not in INIT_FIELDS or self.teacher is None):
             raise ValueError(f"init_field={init_field!r}: give a field, or 'teacher' for a pipeline with a teacher "
                              f"(this one has {'one' if self.teacher is not None else 'none'})")
+        if self.denoiser.config.get("proposal") == "teacher" and self.teacher is None:
+            raise ValueError("this denoiser adds its residual to the teacher's velocity, but the pipeline has no "
+                             "teacher component")
         unknown = [name for name in tensor_inputs if name not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(f"callback tensor inputs {unknown} unknown; choose from {self._callback_tensor_inputs}")
@@ -224,12 +227,11 @@ class DiffuseRegPipeline(DiffusionPipeline):
         start = batch.repeated(start.to(device), num_samples)
         return self.scheduler.add_noise(self.normalizer.normalize(start), noise, first_timestep[None]), start
 
-    def condition_for(self, condition: Any, moving: torch.Tensor, estimate: torch.Tensor) -> Any:
-        """The condition of this step: for a denoiser that refines its estimate
-        (``prediction_type="increment"``), the moving image warped by the estimate; else as encoded."""
-        if self.denoiser.config.prediction_type != "increment":
-            return condition
-        return self.denoiser.with_moving(condition, warp(moving, estimate).to(self.denoiser.dtype))
+    @property
+    def proposal(self) -> RegistrationNet | None:
+        """The network whose velocity an increment denoiser's residual is added to: the teacher,
+        for a denoiser whose config says ``proposal: teacher``; else None."""
+        return self.teacher if self.denoiser.config.get("proposal") == "teacher" else None
 
     @staticmethod
     def apply_guidance(field: torch.Tensor, guides: list[Guide], fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
@@ -370,9 +372,8 @@ class DiffuseRegPipeline(DiffusionPipeline):
         self._interrupt = False
         for i, t in enumerate(self.progress_bar(timesteps)):
             alpha_bar = self.scheduler.alphas_cumprod[int(t)].to(device)
-            step_condition = self.condition_for(condition, moving_n, x0)
             denoised = denoise(self.denoiser, self.denoiser.config, field_t, t, alpha_bar, normalizer, estimate=x0,
-                               condition=step_condition, fraction=fraction)
+                               condition=condition, moving=moving_n, proposal=self.proposal, fraction=fraction)
             x0_z, noise = denoised.clean, denoised.noise
             x0 = normalizer.denormalize(x0_z)
             active = [guide for guide in guides if guide.is_active(i, len(timesteps))]

@@ -201,7 +201,7 @@ class TeacherConfig(StageConfig):
 
 PARAMETRISATION_KEYS = {"prediction_type", "integration_steps", "proposal", "increment_passes"}
 """Denoiser settings that keep its network: ``model`` may set them with ``init_weights``
-(``proposal: teacher`` adds the teacher to it, see :class:`DiffusionConfig`)."""
+(``proposal: teacher`` makes its output a residual to the teacher's velocity, see :class:`DiffusionConfig`)."""
 
 
 @dataclass
@@ -216,10 +216,10 @@ class DiffusionConfig(StageConfig):
     ``init_weights`` (a pipeline name such as ``diffusereg/acdc-2d``, a Hub id or a folder)
     starts from that pipeline's denoiser instead of fresh weights (fine-tuning); its
     architecture comes with it, so ``model`` must then stay empty, and its field statistics
-    must be the teacher's. ``model: proposal: teacher`` builds the teacher network into the
-    denoiser (its ``proposal``, frozen): a step predicts the teacher's velocity on the warped pair
-    plus a residual whose output layer starts at zero, so training starts from the recursive
-    teacher (``prediction_type: increment`` only).
+    must be the teacher's. ``model: proposal: teacher`` makes the denoiser's output a residual
+    added to the frozen teacher's velocity on the fixed and the warped moving image (the
+    pipeline's teacher component; ``prediction_type: increment`` only); a denoiser that had no
+    proposal starts with its output layer at zero, so training starts from the recursive teacher.
     """
 
     loss: DiffusionLossConfig = field(default_factory=DiffusionLossConfig)
@@ -238,7 +238,7 @@ class DiffusionConfig(StageConfig):
         if self.loss.recipe == "refine" and self.phi0_source != "teacher":
             raise ConfigError("loss.recipe: refine runs the teacher on every batch: set phi0_source: teacher")
         if self.model.get("proposal", "teacher") != "teacher":
-            raise ConfigError(f"model.proposal can only be 'teacher' (the teacher network built into the denoiser), "
+            raise ConfigError(f"model.proposal can only be 'teacher' (a residual to the teacher's velocity), "
                               f"got {self.model['proposal']!r}")
         architecture = sorted(set(self.model) - PARAMETRISATION_KEYS)
         if self.init_weights is not None and architecture:

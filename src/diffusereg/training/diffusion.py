@@ -22,7 +22,6 @@ from diffusereg.hub import resolve_model
 from diffusereg.models import DiffuseRegDenoiser, RegistrationNet
 from diffusereg.pipelines import DiffuseRegPipeline
 from diffusereg.schedulers import Denoised, FieldNormalizer, default_scheduler, denoise, increment_fraction
-from diffusereg.spatial import warp
 from diffusereg.training.config import ConfigError, DiffusionConfig
 from diffusereg.training.data import FieldStatistics, Phi0Cache, WithPhi0, build_dataset
 from diffusereg.training.objective import RefinementLoss, diffusion_loss, refinement_loss
@@ -96,23 +95,26 @@ class DiffusionStage(Stage):
     def build_model(self) -> nn.Module:
         """A fresh denoiser, or the one of ``init_weights`` (float32) after checking that it fits.
 
-        The refine recipe starts from ``init_weights`` with its config's ``prediction_type`` and
-        ``integration_steps`` as ``model`` says and the teacher's field statistics (a new
-        parametrisation of the same network). ``model: proposal: teacher`` adds the teacher
-        (:meth:`_with_teacher_proposal`)."""
+        The refine recipe starts from ``init_weights`` with its config's parametrisation keys as
+        ``model`` says and the teacher's field statistics (a new parametrisation of the same
+        network). ``model: proposal: teacher`` on a denoiser that had no proposal zeroes its output
+        layer, so that training starts from the recursive teacher."""
         settings = dict(self.config.model)
-        proposal = settings.pop("proposal", None)
         if self.config.init_weights is None:
             model = DiffuseRegDenoiser(spatial_dims=self.config.data.spatial_dims, field_mean=self.source.mean,
                                        field_std=self.source.std, **settings)
+            adds_proposal = model.config.proposal is not None
         else:
             overrides = {**settings, **({"field_mean": self.source.mean, "field_std": self.source.std}
                                         if self.refine else {})}
             model = DiffuseRegDenoiser.from_pretrained(resolve_model(self.config.init_weights), subfolder="denoiser",
                                                        dtype=torch.float32, **overrides)
             self._check_pretrained(model)
-        if proposal is not None:
-            model = self._with_teacher_proposal(model)
+            adds_proposal = "proposal" in settings and DiffuseRegDenoiser.load_config(
+                resolve_model(self.config.init_weights), subfolder="denoiser").get("proposal") is None
+        if adds_proposal:
+            torch.nn.init.zeros_(model.decoder.out.weight)
+            torch.nn.init.zeros_(model.decoder.out.bias)
         if self.refine != (model.config.prediction_type == "increment"):
             raise ConfigError("loss.recipe: refine and model.prediction_type: increment go together (a denoiser that "
                               f"refines its estimate); got recipe {self.config.loss.recipe!r}, prediction_type "
@@ -121,20 +123,10 @@ class DiffusionStage(Stage):
         self.normalizer = FieldNormalizer.from_config(model.config)
         return model
 
-    def _with_teacher_proposal(self, model: DiffuseRegDenoiser) -> DiffuseRegDenoiser:
-        """``model`` with the teacher built in as its frozen ``proposal`` and its own output layer
-        zeroed: the new denoiser's step is, before training, one pass of the recursive teacher."""
-        if model.proposal_net is not None:
-            raise ConfigError("model.proposal: teacher, but the denoiser of init_weights has a proposal network already")
-        teacher = self.frozen_teacher()
-        combined = DiffuseRegDenoiser(**{**init_arguments(model.config), "proposal": init_arguments(teacher.config)})
-        missing, unexpected = combined.load_state_dict(model.state_dict(), strict=False)
-        if unexpected or any(not name.startswith("proposal_net.") for name in missing):
-            raise RuntimeError(f"the denoiser does not fit: missing {missing}, unexpected {unexpected}")
-        combined.proposal_net.load_state_dict(teacher.state_dict())  # frozen by the denoiser itself
-        torch.nn.init.zeros_(combined.decoder.out.weight)
-        torch.nn.init.zeros_(combined.decoder.out.bias)
-        return combined
+    @property
+    def proposal(self) -> RegistrationNet | None:
+        """The frozen teacher, for a denoiser whose residual is added to its velocity; else None."""
+        return self.teacher if self.model_config.get("proposal") == "teacher" else None
 
     def _check_pretrained(self, model: DiffuseRegDenoiser) -> None:
         source, config = self.config.init_weights, model.config
@@ -195,7 +187,7 @@ class DiffusionStage(Stage):
             start, timesteps, noise = self._starts(model, fixed, moving, one_shot, generator)
         weight = loss.target_weight + (loss.target_weight_final - loss.target_weight) * progress
         return refinement_loss(model, self.model_config, self.scheduler, self.normalizer, fixed, moving, start,
-                               target, generator=generator, target_weight=weight,
+                               target, proposal=self.proposal, generator=generator, target_weight=weight,
                                similarity_weight=loss.similarity_weight, smoothness_weight=loss.smoothness_weight,
                                ssim_window=loss.ssim_window, timesteps=timesteps, noise=noise)
 
@@ -283,11 +275,11 @@ class DiffusionStage(Stage):
         of the increment (:func:`~diffusereg.schedulers.increment_fraction`)."""
         alpha_bar = self.scheduler.alphas_cumprod.to(noisy.device)[timestep]
         return denoise(model, self.model_config, noisy, timestep, alpha_bar, self.normalizer, estimate=estimate,
-                       fixed=fixed, moving=warp(moving, estimate), fraction=fraction)
+                       fixed=fixed, moving=moving, proposal=self.proposal, fraction=fraction)
 
     def predict_field(self, model: nn.Module, fixed: Tensor, moving: Tensor, generator: torch.Generator) -> Tensor:
         """A short DDIM sampling run (``validation.num_inference_steps``) through the pipeline."""
-        pipe = self.pipeline(model)
+        pipe = self.pipeline(model, self.teacher)
         pipe.set_progress_bar_config(disable=True)
         return pipe(fixed, moving, num_inference_steps=self.config.validation.num_inference_steps,
                     generator=generator).field
@@ -303,11 +295,6 @@ class DiffusionStage(Stage):
         """The pipeline, with the teacher as its component (a one-shot baseline and a start)."""
         teacher = self.frozen_teacher().to(next(model.parameters()).device)
         self.pipeline(model, teacher).save_pretrained(output_dir / "pipeline", safe_serialization=True)
-
-
-def init_arguments(config: Any) -> dict[str, Any]:
-    """A model's config without diffusers' private entries (``_class_name``, ...): its ``__init__`` arguments."""
-    return {key: value for key, value in dict(config).items() if not key.startswith("_")}
 
 
 def train_diffusion(config: DiffusionConfig, resume: bool = False, until_step: int | None = None) -> dict[str, float]:

@@ -28,7 +28,7 @@ from diffusereg.schedulers import FieldNormalizer, clean_and_noise, denoise, pre
 from diffusereg.spatial import warp
 
 __all__ = ["DiffusionLoss", "RefinementLoss", "RegistrationLoss", "diffusion_loss", "refinement_loss",
-           "registration_loss", "zscore_statistics"]
+           "registration_loss"]
 
 
 @dataclass
@@ -70,13 +70,6 @@ class RegistrationLoss:
         return {"loss": self.total, "similarity": self.similarity, "smoothness": self.smoothness, "dice": dice}
 
 
-def zscore_statistics(mean: Sequence[float], std: Sequence[float], like: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-axis field mean and std (voxels) shaped ``(1, ndim, 1, ..., 1)`` on ``like``'s device."""
-    ndim = len(mean)
-    shape = (1, ndim) + (1,) * ndim
-    return tuple(torch.tensor(list(v), dtype=torch.float32, device=like.device).reshape(shape) for v in (mean, std))
-
-
 def diffusion_loss(
     denoiser: nn.Module,
     scheduler: DDPMScheduler | DDIMScheduler,
@@ -113,8 +106,8 @@ def diffusion_loss(
         timesteps: ``(B,)`` integer timesteps to use instead of uniform random ones.
         prediction_type: what the denoiser outputs (its config's ``prediction_type``).
     """
-    mean, std = zscore_statistics(field_mean, field_std, phi0)
-    phi0_z = (phi0.float() - mean) / std
+    normalizer = FieldNormalizer(tuple(field_mean), tuple(field_std))
+    phi0_z = normalizer.normalize(phi0.float())
     batch = phi0.shape[0]
     if timesteps is None:
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,),
@@ -125,7 +118,7 @@ def diffusion_loss(
 
     alpha_bar = scheduler.alphas_cumprod.to(phi0.device)[timesteps].reshape(batch, *([1] * (phi0.ndim - 1)))
     phi0_hat_z, _ = clean_and_noise(prediction, phi_t, alpha_bar, prediction_type)
-    phi0_hat = phi0_hat_z * std + mean
+    phi0_hat = normalizer.denormalize(phi0_hat_z)
     noise_term = F.mse_loss(prediction, prediction_target(phi0_z, noise, alpha_bar, prediction_type))
     similarity = ssim_loss(fixed.float(), warp(moving.float(), phi0_hat), kernel_size=ssim_window)
     smoothness = gradient_loss(phi0_hat)
@@ -165,6 +158,7 @@ def refinement_loss(
     moving: Tensor,
     estimate: Tensor,
     target: Tensor,
+    proposal: nn.Module | None = None,
     generator: torch.Generator | None = None,
     target_weight: float = 1.0,
     similarity_weight: float = 1.0,
@@ -191,6 +185,7 @@ def refinement_loss(
         estimate: ``(B, ndim, *S)`` start, voxels.
         target: ``(B, ndim, *S)`` field the state is noised from and the estimate is pulled
             towards (e.g. the teacher applied recursively), voxels.
+        proposal: the teacher, for a denoiser whose config says ``proposal: teacher``.
         generator: draws the timesteps and the noise.
         target_weight, similarity_weight, smoothness_weight: the weights of the three terms.
         ssim_window: SSIM window size.
@@ -207,7 +202,7 @@ def refinement_loss(
     noisy = scheduler.add_noise(normalizer.normalize(target), noise, timesteps)
     alpha_bar = scheduler.alphas_cumprod.to(estimate.device)[timesteps].reshape(batch, *([1] * (estimate.ndim - 1)))
     x0_hat = normalizer.denormalize(denoise(denoiser, config, noisy, timesteps, alpha_bar, normalizer, estimate=estimate,
-                                            fixed=fixed, moving=warp(moving, estimate)).clean)
+                                            fixed=fixed, moving=moving, proposal=proposal).clean)
     target_term = F.mse_loss(normalizer.normalize(x0_hat), normalizer.normalize(target))
     similarity = ssim_loss(fixed.float(), warp(moving.float(), x0_hat), kernel_size=ssim_window)
     smoothness = gradient_loss(x0_hat)
