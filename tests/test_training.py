@@ -26,6 +26,7 @@ from diffusereg.pipelines import DiffuseRegPipeline
 from diffusereg.schedulers import FieldNormalizer, default_scheduler, increment_fraction
 from diffusereg.spatial import compose, integrate_velocity, warp
 from diffusereg.training import (
+    CascadeStage,
     ConfigError,
     DataConfig,
     DiffusionConfig,
@@ -440,7 +441,7 @@ def test_rollouts_are_the_samplers_own_state(increment_passes: float | None) -> 
     config = DiffusionConfig(teacher="diffusereg/acdc-2d", phi0_source="teacher",
                              model={**TINY_INCREMENT, "increment_passes": increment_passes},
                              loss=DiffusionLossConfig(recipe="refine", own_schedules=[4]))
-    stage = DiffusionStage(config)
+    stage = CascadeStage(config)
     model = stage.build_model().eval()
     images = torch.rand(2, 1, 1, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -467,7 +468,7 @@ def test_rollouts_are_the_samplers_own_state(increment_passes: float | None) -> 
         DiffusionConfig(loss=DiffusionLossConfig(own_schedules=[1]))
 
 
-def untrained_cascade(**model: Any) -> tuple[DiffusionStage, DiffuseRegDenoiser, DiffuseRegPipeline, torch.Tensor,
+def untrained_cascade(**model: Any) -> tuple[CascadeStage, DiffuseRegDenoiser, DiffuseRegPipeline, torch.Tensor,
                                               torch.Tensor]:
     """A denoiser with the teacher built in (``model: proposal: teacher`` and ``model``'s further
     settings) before any training, its stage and pipeline, and a smooth 64 x 64 pair shifted by 3
@@ -475,7 +476,7 @@ def untrained_cascade(**model: Any) -> tuple[DiffusionStage, DiffuseRegDenoiser,
     config = DiffusionConfig(teacher="diffusereg/acdc-2d", phi0_source="teacher",
                              model={**TINY_INCREMENT, "proposal": "teacher", **model},
                              loss=DiffusionLossConfig(recipe="refine"))
-    stage = DiffusionStage(config)
+    stage = CascadeStage(config)
     denoiser = stage.build_model().eval()
     blur = torch.nn.AvgPool2d(9, stride=1, padding=4)
     fixed = blur(torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(0)))

@@ -23,7 +23,8 @@ from diffusereg.training.config import (
     load_config,
 )
 from diffusereg.training.data import FieldStatistics, Phi0Cache
-from diffusereg.training.diffusion import DiffusionStage, train_diffusion
+from diffusereg.training.diffusion import DiffusionStage, diffusion_stage, train_diffusion
+from diffusereg.training.cascade import CascadeStage
 from diffusereg.training.objective import DiffusionLoss, RegistrationLoss, diffusion_loss, registration_loss
 from diffusereg.training.teacher import TeacherStage, train_teacher, write_phi0_cache
 from diffusereg.training.trainer import Stage, Trainer
@@ -35,6 +36,7 @@ __all__ = [
     "DiffusionConfig",
     "DiffusionLoss",
     "DiffusionLossConfig",
+    "CascadeStage",
     "DiffusionStage",
     "FieldStatistics",
     "LoopConfig",
@@ -48,6 +50,7 @@ __all__ = [
     "Trainer",
     "ValidationConfig",
     "diffusion_loss",
+    "diffusion_stage",
     "load_config",
     "registration_loss",
     "train_diffusion",
