@@ -24,11 +24,9 @@ K`` also the Overall Dice after each of K DDIM steps, averaged over the cases (`
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,41 +36,12 @@ import torch
 
 from diffusereg.callbacks import EarlyStopping, TrajectoryRecorder
 from diffusereg.data import ACDCDataset
-from diffusereg.evaluation import (RegistrationResult, Registrar, evaluate, identity_registrar, pipeline_registrar,
-                                   score_case, summary_markdown, teacher_registrar, write_evaluation)
+from diffusereg.evaluation import (RegistrationResult, Registrar, ants_syn_registrar, evaluate, identity_registrar,
+                                   pipeline_registrar, score_case, summary_markdown, teacher_registrar,
+                                   write_evaluation)
 from diffusereg.io import write_atomically
 from diffusereg.pipelines import DiffuseRegPipeline
 from diffusereg.schedulers import scheduler_of_kind
-
-
-def ants_syn_registrar(axis_spacing: tuple[float, ...], threads: int) -> Registrar | None:
-    """ANTs SyN with its defaults (``type_of_transform="SyN"``: affine then SyN), or None without antspyx.
-
-    The images get the model grid's voxel size (array-axis order) so SyN works in mm; the composed
-    transform is read back as a displacement field and converted to voxels.
-    """
-    try:
-        import ants
-    except ImportError:
-        print("ANTs SyN skipped: antspyx is not installed (pip install -e '.[baselines]')", file=sys.stderr)
-        return None
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
-    spacing = np.asarray(axis_spacing, dtype=np.float64)
-
-    def register(fixed: np.ndarray, moving: np.ndarray) -> RegistrationResult:
-        fixed_image = ants.from_numpy(fixed.astype(np.float32), spacing=tuple(spacing))
-        moving_image = ants.from_numpy(moving.astype(np.float32), spacing=tuple(spacing))
-        result = ants.registration(fixed=fixed_image, moving=moving_image, type_of_transform="SyN")
-        with tempfile.TemporaryDirectory() as folder:
-            composed = ants.apply_transforms(fixed_image, moving_image, result["fwdtransforms"],
-                                             compose=str(Path(folder) / "field"))
-            vectors = ants.image_read(composed).numpy()  # (*S, ndim), mm along the array axes
-        for path in result["fwdtransforms"] + result["invtransforms"]:
-            Path(path).unlink(missing_ok=True)
-        field = np.moveaxis(vectors, -1, 0) / spacing.reshape(-1, *([1] * fixed.ndim))
-        return RegistrationResult(field.astype(np.float32))
-
-    return register
 
 
 def denoiser_forward_seconds(pipe: DiffuseRegPipeline, fixed: np.ndarray, moving: np.ndarray, repeats: int = 3) -> float:
@@ -157,7 +126,12 @@ def main() -> None:
     spacing = pipe.preprocessing.model_grid(dataset.case(0).fixed.grid).model.axis_spacing
 
     methods: dict[str, Registrar | None] = {"identity": identity_registrar}
-    methods["ANTs SyN"] = ants_syn_registrar(spacing, args.threads) if "ANTs SyN" not in args.skip else None
+    methods["ANTs SyN"] = None
+    if "ANTs SyN" not in args.skip:
+        try:
+            methods["ANTs SyN"] = ants_syn_registrar(spacing, args.threads)
+        except ImportError as error:
+            print(f"ANTs SyN skipped: {error}", file=sys.stderr)
     if pipe.teacher is not None:  # a model without a teacher component has no teacher rows
         for passes in args.teacher_passes:
             name = "teacher (one-shot)" if passes == 1 else f"teacher x{passes} (recursive)"

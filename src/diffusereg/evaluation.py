@@ -7,7 +7,7 @@ the moving labels are warped with it (nearest neighbour) and compared with the f
 A 2D model registers the volume slice by slice, so its Dice is a 3D Dice over the stacked slices.
 
 A method is any :data:`Registrar`: ``registrar(fixed, moving) -> RegistrationResult`` on model-grid
-volumes. :func:`evaluate` runs one over a dataset and returns one row per case (the columns of
+volumes (here: no registration, a pipeline, its one-shot teacher, and ANTs SyN, the baseline). :func:`evaluate` runs one over a dataset and returns one row per case (the columns of
 :data:`CASE_COLUMNS`); :func:`score_case` scores one result the same way, for methods that need
 more than the two images (e.g. guidance built from the case's labels); :func:`summarize` averages
 rows and :func:`write_evaluation` writes the per-case CSV and the summary (JSON and Markdown),
@@ -20,6 +20,8 @@ import csv
 import io
 import json
 import math
+import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ __all__ = [
     "CASE_COLUMNS",
     "RegistrationResult",
     "Registrar",
+    "ants_syn_registrar",
     "evaluate",
     "identity_registrar",
     "pipeline_registrar",
@@ -110,6 +113,39 @@ def teacher_registrar(model: torch.nn.Module, passes: int = 1) -> Registrar:
         batch = ModelGridBatch.from_arrays(fixed, moving, None, model.config.spatial_dims, model.size_multiple)
         field = model.recursive(batch.fixed.to(parameter), batch.moving.to(parameter), passes)[-1].float().cpu()
         return RegistrationResult(batch.to_output(field, is_field=True).numpy())
+
+    return register
+
+
+def ants_syn_registrar(axis_spacing: Sequence[float], threads: int = 1) -> Registrar:
+    """ANTs SyN with its defaults (``type_of_transform="SyN"``: affine then SyN), the baseline.
+
+    The images get the model grid's voxel size (``axis_spacing``, mm, array-axis order) so SyN works
+    in mm; the composed transform is read back as a displacement field and converted to voxels.
+    ``threads`` sets ITK's thread count (``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``).
+
+    Raises:
+        ImportError: antspyx is not installed (``pip install -e ".[baselines]"``).
+    """
+    try:
+        import ants
+    except ImportError as error:
+        raise ImportError("ANTs SyN needs antspyx: pip install -e '.[baselines]'") from error
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
+    spacing = np.asarray(axis_spacing, dtype=np.float64)
+
+    def register(fixed: np.ndarray, moving: np.ndarray) -> RegistrationResult:
+        fixed_image = ants.from_numpy(fixed.astype(np.float32), spacing=tuple(spacing))
+        moving_image = ants.from_numpy(moving.astype(np.float32), spacing=tuple(spacing))
+        result = ants.registration(fixed=fixed_image, moving=moving_image, type_of_transform="SyN")
+        with tempfile.TemporaryDirectory() as folder:
+            composed = ants.apply_transforms(fixed_image, moving_image, result["fwdtransforms"],
+                                             compose=str(Path(folder) / "field"))
+            vectors = ants.image_read(composed).numpy()  # (*S, ndim), mm along the array axes
+        for path in result["fwdtransforms"] + result["invtransforms"]:
+            Path(path).unlink(missing_ok=True)
+        field = np.moveaxis(vectors, -1, 0) / spacing.reshape(-1, *([1] * fixed.ndim))
+        return RegistrationResult(field.astype(np.float32))
 
     return register
 
