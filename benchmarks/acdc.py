@@ -12,7 +12,9 @@ warp the moving image by the field so far, register again, compose); diffusereg 
 ``--ddim-steps``, with and without the ``EarlyStopping`` callback; optionally other models
 (``--baseline-models``, e.g. the paper-recipe ``diffusereg/acdc-2d-paper``) at the same steps,
 DDPM over the full 2000 steps on the first ``--ddpm-cases`` cases, and DDIM started from the
-teacher's field (``--refine-strengths``).
+teacher's field (``--refine-strengths``). ``--fixed-frames ED ES`` runs every method in both
+directions (ED fixed, the paper's, and ES fixed), each row then labelled ``[ED fixed]`` or
+``[ES fixed]``; the extras (DDPM, the curve, the forward timing) use the first frame given.
 
 Writes ``cases.csv``, ``summary.json`` and ``summary.md`` to ``--output`` and prints the table,
 with, for each diffusion method, the ratio of its sampling time to (steps run x one denoiser
@@ -100,6 +102,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/acdc/training"))
     parser.add_argument("--split", choices=("val", "train", "all"), default="val")
     parser.add_argument("--patients", type=int, nargs="+", help="only these patient numbers")
+    parser.add_argument("--fixed-frames", nargs="+", choices=("ED", "ES"), default=["ED"],
+                        help="register onto these frames (ED: the paper's direction; several: rows per direction)")
     parser.add_argument("--model", default="diffusereg/acdc-2d")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/acdc_val"))
     parser.add_argument("--ddim-steps", type=int, nargs="+", default=[1, 3, 5, 10])
@@ -121,8 +125,10 @@ def main() -> None:
 
     pipe = DiffuseRegPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
-    dataset = ACDCDataset(args.data, split=args.split, spatial_dims=3, patients=args.patients,
-                          preprocessing=pipe.preprocessing)
+    datasets = {frame: ACDCDataset(args.data, split=args.split, spatial_dims=3, patients=args.patients,
+                                   preprocessing=pipe.preprocessing, fixed_frame=frame)
+                for frame in dict.fromkeys(args.fixed_frames)}
+    dataset = next(iter(datasets.values()))
     spacing = pipe.preprocessing.model_grid(dataset.case(0).fixed.grid).model.axis_spacing
 
     methods: dict[str, Registrar | None] = {"identity": identity_registrar}
@@ -152,13 +158,15 @@ def main() -> None:
             methods[f"{baseline}: DDIM {steps}"] = pipeline_registrar(other, steps, seed=args.seed)
 
     rows: dict[str, list[dict[str, Any]]] = {}
-    for name, registrar in methods.items():
-        if registrar is None or name in args.skip:
-            continue
-        rows[name] = evaluate(dataset, registrar, description=name)
+    for frame, frame_dataset in datasets.items():
+        for name, registrar in methods.items():
+            if registrar is None or name in args.skip:
+                continue
+            row_name = name if len(datasets) == 1 else f"{name} [{frame} fixed]"
+            rows[row_name] = evaluate(frame_dataset, registrar, description=row_name)
     if args.ddpm_cases > 0 and "DDPM 2000" not in args.skip:
         subset = ACDCDataset(args.data, split=args.split, spatial_dims=3, patients=dataset.names[:args.ddpm_cases],
-                             preprocessing=pipe.preprocessing)
+                             preprocessing=pipe.preprocessing, fixed_frame=dataset.fixed_frame)
         pipe.scheduler = scheduler_of_kind(pipe.scheduler, "ddpm")
         ddpm = pipeline_registrar(pipe, 2000, seed=args.seed)
         rows[f"DDPM 2000 ({args.ddpm_cases} cases)"] = evaluate(subset, ddpm, description="DDPM 2000")
@@ -169,6 +177,7 @@ def main() -> None:
     overhead = {name: float(np.mean([row["seconds"] / (row["steps_run"] * forward) for row in method_rows]))
                 for name, method_rows in rows.items() if method_rows[0]["steps_run"]}
     settings = {"data": str(args.data), "split": args.split, "cases": dataset.names, "model": args.model,
+                "fixed_frames": list(datasets),
                 "seed": args.seed, "threads": args.threads, "denoiser_forward_seconds": forward,
                 "sampling_time_over_steps_x_forward": overhead, "peak_rss_mib": peak_rss_mib(),
                 "torch": torch.__version__, "command": shlex.join(sys.argv)}

@@ -198,6 +198,26 @@ def test_acdc_errors(tmp_path: Path) -> None:
         ACDCDataset(tmp_path, split="val")
 
 
+def test_acdc_fixed_frame_chooses_the_direction(tmp_path: Path) -> None:
+    """``fixed_frame="ES"`` makes the ES frame and its labels the fixed ones; ED stays the default."""
+    patient = tmp_path / "patient007"
+    patient.mkdir()
+    (patient / "Info.cfg").write_text("ED: 1\nES: 9\nGroup: NOR\n")
+    image = smooth_image((4, 16, 16), (1.5, 1.5, 8.0))
+    for frame in (1, 9):
+        write_image(image, patient / f"patient007_frame{frame:02d}.nii.gz")
+        write_image(label_image(image), patient / f"patient007_frame{frame:02d}_gt.nii.gz")
+    default, swapped = ACDCDataset(tmp_path, "all"), ACDCDataset(tmp_path, "all", fixed_frame="ES")
+    assert (default.fixed_frame, swapped.fixed_frame) == ("ED", "ES")
+    assert (default.files[0].fixed.name, default.files[0].moving.name) == ("patient007_frame01.nii.gz",
+                                                                          "patient007_frame09.nii.gz")
+    assert (swapped.files[0].fixed.name, swapped.files[0].moving_labels.name) == ("patient007_frame09.nii.gz",
+                                                                                  "patient007_frame01_gt.nii.gz")
+    assert swapped.files[0].fixed_labels.name == "patient007_frame09_gt.nii.gz"
+    with pytest.raises(ValueError, match="fixed_frame must be 'ED' or 'ES'"):
+        ACDCDataset(tmp_path, "all", fixed_frame="ED->ES")
+
+
 @pytest.mark.acdc
 def test_acdc_split_and_lengths(acdc_root: Path) -> None:
     train, val = ACDCDataset(acdc_root, "train"), ACDCDataset(acdc_root, "val")

@@ -2,7 +2,8 @@
 
 - `PaperPreprocessing`: resample to 1.5 x 1.5 x 3.15 mm, scale intensities to [0, 1],
   centre crop/pad to 32 x 128 x 128; its `ModelGrid` maps images and fields back.
-- `ACDCDataset`: ACDC ED (fixed) / ES (moving) pairs with labels, fixed train/val split.
+- `ACDCDataset`: ACDC ED (fixed) / ES (moving) pairs with labels (or ES fixed: ``fixed_frame``),
+  fixed train/val split.
 - `PairedDataset`: pairs listed in a CSV or JSON file.
 """
 

@@ -1,4 +1,5 @@
-"""The ACDC cine-MRI dataset: end-diastole (ED) = fixed, end-systole (ES) = moving.
+"""The ACDC cine-MRI dataset: end-diastole (ED) = fixed, end-systole (ES) = moving (the paper's
+direction), or the other way round with ``fixed_frame="ES"``.
 
 ``root`` holds ``patientNNN/`` folders, each with ``Info.cfg`` (``ED:``, ``ES:``, ``Group:``, ...),
 the ED and ES frames ``patientNNN_frameXX.nii.gz`` and their labels ``patientNNN_frameXX_gt.nii.gz``
@@ -19,7 +20,10 @@ from typing import Literal
 from diffusereg.data.base import PairDataset, PairFiles
 from diffusereg.data.preprocessing import PaperPreprocessing
 
-__all__ = ["ACDC_VALIDATION_PATIENTS", "ACDCDataset", "ACDCPatient", "read_acdc_patient"]
+__all__ = ["ACDC_VALIDATION_PATIENTS", "ACDCDataset", "ACDCPatient", "Frame", "read_acdc_patient"]
+
+Frame = Literal["ED", "ES"]
+"""A cardiac phase of ACDC: end-diastole or end-systole."""
 
 
 ACDC_VALIDATION_PATIENTS: tuple[str, ...] = tuple(f"patient{n:03d}" for n in range(10, 101, 10))
@@ -55,11 +59,19 @@ class ACDCPatient:
     @property
     def files(self) -> PairFiles:
         """ED (fixed) and ES (moving) images and labels."""
+        return self.pair_files("ED")
+
+    def pair_files(self, fixed_frame: Frame) -> PairFiles:
+        """Images and labels with ``fixed_frame`` (``"ED"`` or ``"ES"``) as the fixed image and
+        the other frame as the moving one."""
+        if fixed_frame not in ("ED", "ES"):
+            raise ValueError(f"fixed_frame must be 'ED' or 'ES', got {fixed_frame!r}")
+        fixed, moving = (self.ed, self.es) if fixed_frame == "ED" else (self.es, self.ed)
         return PairFiles(
-            fixed=self.frame_path(self.ed),
-            moving=self.frame_path(self.es),
-            fixed_labels=self.frame_path(self.ed, labels=True),
-            moving_labels=self.frame_path(self.es, labels=True),
+            fixed=self.frame_path(fixed),
+            moving=self.frame_path(moving),
+            fixed_labels=self.frame_path(fixed, labels=True),
+            moving_labels=self.frame_path(moving, labels=True),
         )
 
 
@@ -94,7 +106,8 @@ def read_acdc_patient(folder: str | os.PathLike) -> ACDCPatient:
 
 
 class ACDCDataset(PairDataset):
-    """ACDC ED (fixed) / ES (moving) pairs with labels, preprocessed as in the paper.
+    """ACDC ED (fixed) / ES (moving) pairs with labels, preprocessed as in the paper, or ES (fixed) /
+    ED (moving) pairs with ``fixed_frame="ES"``.
 
     Args:
         root: folder of ``patientNNN/`` folders (e.g. ``.../acdc/training``).
@@ -103,6 +116,8 @@ class ACDCDataset(PairDataset):
         patients: optional subset of the split, as names (``"patient001"``) or numbers (``1``).
         skip_empty_slices: 2D only; leave out slices where both label maps are empty.
         preprocessing: the preprocessing to the model grid.
+        fixed_frame: the frame registered onto (``"ED"``, the paper's direction, or ``"ES"``); the
+            other frame is the moving image. The model grid is the fixed frame's.
 
     Items are dicts (see `diffusereg.data.base`) with ``fixed``, ``moving``, ``fixed_labels``,
     ``moving_labels``, ``patient`` and ``group`` (and ``slice`` in 2D). ``dataset.case(i)``
@@ -117,12 +132,15 @@ class ACDCDataset(PairDataset):
         patients: list[str | int] | None = None,
         skip_empty_slices: bool = False,
         preprocessing: PaperPreprocessing = PaperPreprocessing(),
+        fixed_frame: Frame = "ED",
     ) -> None:
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"{root}: ACDC root folder does not exist")
         if split not in ("train", "val", "all"):
             raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
+        if fixed_frame not in ("ED", "ES"):
+            raise ValueError(f"fixed_frame must be 'ED' or 'ES', got {fixed_frame!r}")
         names = sorted(p.name for p in root.iterdir() if p.is_dir() and _PATIENT_FOLDER.fullmatch(p.name))
         if not names:
             raise FileNotFoundError(f"{root}: contains no patientNNN folders")
@@ -136,9 +154,10 @@ class ACDCDataset(PairDataset):
             names = wanted
         self.root = root
         self.split = split
+        self.fixed_frame = fixed_frame
         self.patients = [read_acdc_patient(root / name) for name in names]
         super().__init__(
-            files=[p.files for p in self.patients],
+            files=[p.pair_files(fixed_frame) for p in self.patients],
             names=names,
             spatial_dims=spatial_dims,
             skip_empty_slices=skip_empty_slices,
