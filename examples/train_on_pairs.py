@@ -32,7 +32,7 @@ from pathlib import Path
 
 from diffusereg.io import write_image
 from diffusereg.phantom import cardiac_phantom
-from diffusereg.hub import load_pipeline
+from diffusereg.pipelines import load_pipeline
 from diffusereg.registration import RegistrationSettings, register_pair
 from diffusereg.training import (
     DataConfig,

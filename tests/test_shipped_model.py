@@ -96,9 +96,9 @@ def clean_estimate(pipe, fixed: torch.Tensor, moving: torch.Tensor, start: torch
     alpha_bar = pipe.scheduler.alphas_cumprod[timestep]
     noise = torch.randn(start.shape, generator=torch.Generator().manual_seed(0))
     noisy = alpha_bar.sqrt() * pipe.normalizer.normalize(start) + (1 - alpha_bar).sqrt() * noise
-    condition = pipe.condition_for(pipe.denoiser.encode_condition(fixed, moving), moving, start)
+    condition = pipe.denoiser.encode_condition(fixed, moving)
     denoised = denoise(pipe.denoiser, pipe.denoiser.config, noisy, torch.tensor(timestep), alpha_bar, pipe.normalizer,
-                       estimate=start, condition=condition)
+                       estimate=start, condition=condition, moving=moving, proposal=pipe.proposal)
     return pipe.normalizer.denormalize(denoised.clean)
 
 

@@ -34,7 +34,7 @@ from diffusereg.io import read_displacement_field, read_grid, read_image, write_
 from diffusereg.phantom import cardiac_phantom, write_phantom
 from diffusereg.guidance import GuidanceSpec
 from diffusereg.pipelines import ModelGridBatch
-from diffusereg.hub import load_pipeline
+from diffusereg.pipelines import load_pipeline
 from diffusereg.registration import RegistrationError, RegistrationSettings, register_pair
 from diffusereg.watch import LiveGuidance, WatchServer, WatchSession
 from diffusereg.watch.frames import DISPLAY_PIXELS, deformed_grid

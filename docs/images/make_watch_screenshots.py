@@ -18,7 +18,7 @@ from make_figures import HERE, untrained_pipeline
 from playwright.sync_api import expect, sync_playwright
 
 from diffusereg import DEFAULT_STEPS
-from diffusereg.hub import load_pipeline
+from diffusereg.pipelines import load_pipeline
 from diffusereg.watch import WatchServer, WatchSession
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

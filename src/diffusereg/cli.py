@@ -212,7 +212,7 @@ def _summary(metrics: dict[str, Any], output_dir: Path) -> str:
 
 
 def _run_register(args: argparse.Namespace) -> int:
-    from diffusereg.hub import load_pipeline
+    from diffusereg.pipelines import load_pipeline
     from diffusereg.registration import (RegistrationError, check_pair_list, check_request, read_inputs,
                                          register_checked, register_pair_list)
 
@@ -248,7 +248,7 @@ def _run_apply(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from diffusereg.hub import load_pipeline
+    from diffusereg.pipelines import load_pipeline
     from diffusereg.registration import register_pair
 
     settings = _settings(args)
@@ -275,7 +275,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from diffusereg.data import ACDCDataset
     from diffusereg.evaluation import evaluate, pipeline_registrar, write_evaluation
     from diffusereg.guidance import build_guides
-    from diffusereg.hub import load_pipeline
+    from diffusereg.pipelines import load_pipeline
     from diffusereg.registration import RegistrationError
     from diffusereg.schedulers import scheduler_of_kind
 
@@ -313,7 +313,7 @@ def _run_watch(args: argparse.Namespace) -> int:
     import tempfile
 
     from diffusereg.data import PairFiles
-    from diffusereg.hub import load_pipeline
+    from diffusereg.pipelines import load_pipeline
     from diffusereg.registration import RegistrationError
     from diffusereg.watch import WatchServer, WatchSession
     from diffusereg.watch.server import is_loopback

@@ -29,7 +29,7 @@ from diffusereg.data import PairFiles
 from diffusereg.io import Image, read_image, write_image
 from diffusereg.pipelines import DiffuseRegPipeline
 from diffusereg import registration
-from diffusereg.hub import load_pipeline
+from diffusereg.pipelines import load_pipeline
 from diffusereg.registration import RegistrationSettings, register_pair
 
 WEIGHTS = Path("denoiser/diffusion_pytorch_model.safetensors")

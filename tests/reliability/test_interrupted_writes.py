@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from diffusereg import io, visualize
 from diffusereg import outputs as output_files
 from diffusereg.data import PairFiles
-from diffusereg.hub import load_pipeline
+from diffusereg.pipelines import load_pipeline
 from diffusereg.registration import RegistrationSettings, register_pair
 
 
