@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -10,6 +11,7 @@ from types import ModuleType, SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from tiny import spread_tiny_pipeline
 
@@ -28,6 +30,15 @@ def test_boundary_distance_in_mm_from_either_side_of_a_label_change(uncertainty:
     labels = np.array([0, 0, 0, 1, 1, 1, 1, 0])
     np.testing.assert_allclose(uncertainty.boundary_distance(labels, [2.0]), [4, 2, 0, 0, 2, 2, 0, 0])
     assert np.isinf(uncertainty.boundary_distance(np.zeros((2, 3), dtype=int), [1.0, 1.0])).all()
+
+
+def test_spearman_is_scipys_rho_with_an_exact_permutation_p_value_for_few_pairs(uncertainty: ModuleType) -> None:
+    assert uncertainty.spearman([1, 2, 3, 4], [1, 5, 7, 30]) == {"rho": 1.0, "p": pytest.approx(2 / 24), "n": 4}
+    x, y = np.random.default_rng(0).random((2, 20))
+    result = uncertainty.spearman([*x, math.nan], [*y, 0.0])  # the non-finite pair is left out
+    assert result["n"] == 20 and result["rho"] == pytest.approx(stats.spearmanr(x, y).statistic)
+    assert result["p"] == pytest.approx(stats.spearmanr(x, y).pvalue, abs=0.05)
+    assert math.isnan(uncertainty.spearman([1, 1, 1], [1, 2, 3])["rho"])
 
 
 def test_each_seed_is_one_single_sample_call_unlike_one_call_with_all_samples(uncertainty: ModuleType) -> None:
