@@ -1,4 +1,4 @@
-"""Control you can measure: guidance, early stopping and uncertainty on ACDC validation cases.
+"""Control you can measure: guidance and early stopping on ACDC validation cases.
 
 Run (from the repository root, ACDC beside the checkout); the defaults are the settings of the
 published run, ``benchmarks/results/control_val`` (the shipped model at the library's default steps):
@@ -33,29 +33,23 @@ named ``--guidance SPECS`` use exactly the guides ``diffusereg register --guidan
   replayed on the recorded clean-field estimates: DDIM sampling is deterministic and the steps
   before a stop are the same with or without it, so the replay returns exactly the field a
   stopped run returns.
-- uncertainty: ``num_samples=--num-samples`` (``register --samples``); Spearman correlation between
-  the mean uncertainty magnitude inside each structure (LV, Myo, RV of the fixed labels) and that
-  structure's Dice error (1 - Dice), pooled over cases and structures; and per case the
-  point-biserial correlation between the voxel uncertainty magnitude and label disagreement
-  (warped moving labels != fixed labels) in the heart (fixed or warped labels > 0) dilated
-  in-plane by ``--heart-margin`` voxels.
 
 Cost per case and seed, counted in ``--steps``-step single-sample registrations: 1 (none)
 + 1 + smoothness scales + 4 (similarity) + similarity settings + 3 x organ scales + organ-both targets + direction
-scales + early-stopping-steps / steps + num-samples; 19 with the defaults. ``--sections`` picks
-sections.
+scales + early-stopping-steps / steps; 14 with the defaults. ``--sections`` picks sections.
 
-Writes to ``--output``: ``control.json`` (settings, per-case rows, summaries, correlations and
-seconds per section), ``control.md`` (one table per kind of control, also printed) and one PNG per
+The spread of the samples (the ``uncertainty`` output) and whether it flags errors is measured by
+``benchmarks/uncertainty.py``; this script's ``uncertainty`` section moved there.
+
+Writes to ``--output``: ``control.json`` (settings, per-case rows, summaries and seconds per
+section), ``control.md`` (one table per kind of control, also printed) and one PNG per
 kind of control for one slice of one case (``--figure-patient``, ``--figure-slice``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -68,29 +62,27 @@ from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from scipy import ndimage, stats
 from tqdm.auto import tqdm
 
 from diffusereg import DEFAULT_STEPS
 from diffusereg.callbacks import EarlyStopping, TrajectoryRecorder
 from diffusereg.data import ACDCDataset, PreprocessedPair
-from diffusereg.evaluation import RegistrationResult, pipeline_registrar, score_case, summarize, summary_markdown
+from diffusereg.evaluation import (RegistrationResult, pipeline_registrar, score_case, summarize, summary_markdown,
+                                   warp_moving_labels)
 from diffusereg.guidance import (DirectionGuidance, FoldGuidance, Guide, GuidanceSpec, OrganMaskGuidance,
                                  SimilarityGuidance, build_guides)
-from diffusereg.io import write_atomically
 from diffusereg.metrics import ACDC_LABELS, acdc_dice
 from diffusereg.pipelines import DiffuseRegPipeline
 from diffusereg.schedulers import scheduler_of_kind
 from diffusereg.losses import gradient_loss, ssim_loss
-from diffusereg.spatial import jacobian_determinant, warp, warp_labels
+from diffusereg.spatial import jacobian_determinant, warp
 from diffusereg.visualize import LABEL_COLOURS
+from reporting import FigureSlice, figure_case_name, new_figure, run_settings, save_figure, write_report
 
-SECTIONS = ("folds", "similarity", "organ", "direction", "early-stopping", "uncertainty")
+SECTIONS = ("folds", "similarity", "organ", "direction", "early-stopping")
 ORGANS = ("LV", "Myo", "RV")
 
 SECTION_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -102,19 +94,16 @@ SECTION_COLUMNS: dict[str, tuple[str, ...]] = {
     "direction": ("angle_error_deg", "magnitude_error", "residual_voxels", "Overall", "d_Overall", "NJD_percent",
                   "field_change"),
     "early-stopping": ("steps_run", "steps_saved_percent", "Overall", "d_Overall", "NJD_percent", "field_change"),
-    "uncertainty": ("Overall", "d_Overall", "NJD_percent", "uncertainty_heart", "uncertainty_LV", "uncertainty_Myo",
-                    "uncertainty_RV", "voxel_r"),
 }
 """Table columns of each section. ``d_<c>``: the configuration minus its reference on the same case
 and seed (none; the full schedule for early stopping). ``field_change``: mean length of the field
 difference to that reference inside the fixed heart, voxels. ``bending``: mean squared in-plane
 field gradient (voxels^2, :func:`~diffusereg.losses.gradient_loss`). ``SSIM``: SSIM in percent of
 the warped moving image and the fixed image (window 9, slice by slice). ``magnitude_error``: |achieved| /
-|prescribed| - 1. ``uncertainty_<s>``: mean uncertainty magnitude inside structure ``s``, voxels."""
+|prescribed| - 1."""
 
 PRECISE_COLUMNS = ("NJD_percent", "d_NJD_percent", "JSD", "d_JSD", "bending", "d_bending", "field_change",
-                   "magnitude_error",
-                   "uncertainty_heart", "uncertainty_LV", "uncertainty_Myo", "uncertainty_RV", "voxel_r")
+                   "magnitude_error")
 
 
 @dataclass(frozen=True)
@@ -132,7 +121,7 @@ class Run:
     """One configuration registered on one case.
 
     Attributes:
-        result: field ``(3, D, H, W)`` in voxels of the model grid, steps run, uncertainty.
+        result: field ``(3, D, H, W)`` in voxels of the model grid, steps run.
         row: the evaluation row (``CASE_COLUMNS``, Dice in %) plus ``config``, ``seed`` and the
             section's own columns.
         trajectory: the clean-field estimate of every step as ``TrajectoryRecorder`` keeps it,
@@ -154,13 +143,6 @@ def label_mask(labels: np.ndarray, structure: str) -> np.ndarray:
     return (labels == ACDC_LABELS[structure]).astype(np.float32)
 
 
-def warped_labels(pair: PreprocessedPair, field: np.ndarray) -> np.ndarray:
-    """The moving labels ``(D, H, W)`` of ``pair`` warped by ``field`` ``(3, D, H, W)`` (voxels,
-    nearest neighbour), as :func:`~diffusereg.evaluation.score_case` warps them."""
-    labels = torch.from_numpy(pair.moving_labels.astype(np.int64))[None, None]
-    return warp_labels(labels, torch.from_numpy(np.asarray(field, dtype=np.float32))[None])[0, 0].numpy()
-
-
 def scored(case: Case, config: str, result: RegistrationResult, seconds: float) -> Run:
     """Score ``result`` on ``case`` with the evaluation protocol; the row gets ``config``, ``seed``,
     ``SSIM`` (%) and ``bending`` (see :data:`SECTION_COLUMNS`)."""
@@ -177,7 +159,7 @@ def scored(case: Case, config: str, result: RegistrationResult, seconds: float) 
 def register(pipe: DiffuseRegPipeline, case: Case, config: str, steps: int, record: bool = False,
              **call_kwargs: Any) -> Run:
     """Register ``case`` with ``steps`` steps and the case's seed, ``call_kwargs`` going to the pipeline
-    (``guidance``, ``num_samples``), and score it; ``record`` keeps the clean-field estimate of every step."""
+    (``guidance``), and score it; ``record`` keeps the clean-field estimate of every step."""
     recorder = TrajectoryRecorder() if record else None
     if recorder is not None:
         call_kwargs["callback_on_step_end"] = recorder
@@ -240,42 +222,12 @@ def direction_errors(achieved: np.ndarray, target: np.ndarray) -> dict[str, Any]
             "mean_displacement": achieved.tolist(), "target_displacement": target.tolist()}
 
 
-def heart_region(fixed_labels: np.ndarray, warped_labels: np.ndarray, margin: int) -> np.ndarray:
-    """Voxels ``(D, H, W)`` where the fixed or the warped moving labels are heart, dilated in-plane by ``margin``."""
-    heart = (fixed_labels > 0) | (warped_labels > 0)
-    if margin == 0:
-        return heart
-    return ndimage.binary_dilation(heart, structure=np.ones((1, 3, 3), dtype=bool), iterations=margin)
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
-    """Spearman's rho and its two-sided p-value over the finite pairs; NaN with fewer than 3 pairs."""
-    pairs = np.array([(a, b) for a, b in zip(x, y) if math.isfinite(a) and math.isfinite(b)]).reshape(-1, 2)
-    if len(pairs) < 3:
-        return {"rho": math.nan, "p": math.nan, "n": len(pairs)}
-    result = stats.spearmanr(pairs[:, 0], pairs[:, 1])
-    return {"rho": float(result.statistic), "p": float(result.pvalue), "n": len(pairs)}
-
-
 @contextmanager
 def timed(seconds: dict[str, float], key: str) -> Iterator[None]:
     """Add the wall time of the ``with`` block to ``seconds[key]``."""
     started = time.perf_counter()
     yield
     seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - started
-
-
-def json_ready(value: Any) -> Any:
-    """``value`` with NaN/inf as None and NumPy scalars as Python numbers, for strict JSON."""
-    if isinstance(value, dict):
-        return {key: json_ready(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(item) for item in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 # ---------------------------------------------------------------------------------------------- sections
@@ -364,113 +316,16 @@ def early_stopping_runs(pipe: DiffuseRegPipeline, case: Case, none: Run, args: a
     return runs
 
 
-def uncertainty_runs(pipe: DiffuseRegPipeline, case: Case, none: Run, args: argparse.Namespace) -> list[Run]:
-    """None and ``num_samples`` samples, with the uncertainty magnitude per structure and the
-    voxel-level point-biserial correlation with label disagreement (``voxel_r``)."""
-    run = register(pipe, case, f"{args.num_samples} samples (mean field)", args.steps, num_samples=args.num_samples)
-    magnitude = np.linalg.norm(run.result.uncertainty, axis=0)  # (D, H, W), voxels
-    fixed = case.pair.fixed_labels
-    warped = warped_labels(case.pair, run.result.field)
-    region = heart_region(fixed, warped, args.heart_margin)
-    disagreement = (warped != fixed)[region].astype(np.float64)
-    varies = 0 < disagreement.sum() < disagreement.size
-    voxel_r = stats.pointbiserialr(disagreement, magnitude[region]).statistic if varies else math.nan
-    run.row.update(differences(run, none, case, ("Overall",)), voxel_r=float(voxel_r),
-                   uncertainty_heart=float(magnitude[fixed > 0].mean()),
-                   **{f"uncertainty_{s}": float(magnitude[fixed == ACDC_LABELS[s]].mean()) for s in ORGANS})
-    return [none, run]
-
-
 SECTION_RUNS: dict[str, Section] = {"folds": folds_runs, "similarity": similarity_runs, "organ": organ_runs,
-                                    "direction": direction_runs, "early-stopping": early_stopping_runs,
-                                    "uncertainty": uncertainty_runs}
-
-
-def uncertainty_correlations(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Structure level: Spearman of mean uncertainty inside LV/Myo/RV against 1 - Dice, pooled over
-    cases, seeds and structures, and per structure; voxel level: the per-case point-biserial r."""
-    sampled = [row for row in rows if "voxel_r" in row]
-
-    def points(structures: Sequence[str]) -> dict[str, float]:
-        pairs = [(row[f"uncertainty_{s}"], 1.0 - row[s] / 100.0) for row in sampled for s in structures]
-        return spearman([u for u, _ in pairs], [e for _, e in pairs])
-
-    voxel = np.array([row["voxel_r"] for row in sampled], dtype=np.float64)
-    voxel = voxel[np.isfinite(voxel)]
-    return {"structure_spearman_pooled": points(ORGANS),
-            "structure_spearman": {s: points((s,)) for s in ORGANS},
-            "voxel_pointbiserial": {"mean": float(voxel.mean()) if voxel.size else math.nan,
-                                    "std": float(voxel.std(ddof=1)) if voxel.size > 1 else math.nan,
-                                    "min": float(voxel.min()) if voxel.size else math.nan,
-                                    "max": float(voxel.max()) if voxel.size else math.nan, "n": int(voxel.size)}}
-
-
-def correlation_markdown(correlations: dict[str, Any], margin: int) -> str:
-    """The uncertainty correlations as a Markdown table."""
-    lines = ["| correlation | n | coefficient | p |", "|---|---:|---:|---:|"]
-    pooled = correlations["structure_spearman_pooled"]
-    lines.append(f"| Spearman: mean uncertainty in structure vs 1 - Dice, pooled over LV, Myo, RV | {pooled['n']} | "
-                 f"{pooled['rho']:.3f} | {pooled['p']:.3g} |")
-    for structure, result in correlations["structure_spearman"].items():
-        lines.append(f"| Spearman, {structure} only | {result['n']} | {result['rho']:.3f} | {result['p']:.3g} |")
-    voxel = correlations["voxel_pointbiserial"]
-    lines.append(f"| point-biserial: voxel uncertainty vs label disagreement, heart dilated {margin} voxels; "
-                 f"mean (std) [min, max] over cases | {voxel['n']} | {voxel['mean']:.3f} ({voxel['std']:.3f}) "
-                 f"[{voxel['min']:.3f}, {voxel['max']:.3f}] | - |")
-    return "\n".join(lines) + "\n"
+                                    "direction": direction_runs, "early-stopping": early_stopping_runs}
 
 
 # ---------------------------------------------------------------------------------------------- figures
-@dataclass(frozen=True)
-class FigureSlice:
-    """The slice drawn in every figure: a depth index and an in-plane crop around the heart."""
-
-    case: Case
-    depth: int
-    crop: tuple[slice, slice]
-
-    @classmethod
-    def around_heart(cls, case: Case, depth: int | None, margin: int = 16) -> "FigureSlice":
-        """The slice ``depth`` (default: the one with most fixed heart voxels), cropped to the heart +- ``margin``."""
-        heart = case.pair.fixed_labels > 0
-        if depth is None:
-            depth = int(np.argmax(heart.sum(axis=(1, 2))))
-        rows, cols = np.nonzero(heart[depth] if heart[depth].any() else np.ones_like(heart[depth]))
-        height, width = heart.shape[1:]
-        crop = (slice(max(rows.min() - margin, 0), min(rows.max() + margin + 1, height)),
-                slice(max(cols.min() - margin, 0), min(cols.max() + margin + 1, width)))
-        return cls(case, depth, crop)
-
-    def cut(self, volume: np.ndarray) -> np.ndarray:
-        """The cropped slice ``(h, w)`` of a volume ``(D, H, W)``."""
-        return volume[self.depth][self.crop]
-
-    def show_fixed(self, ax: Axes, title: str) -> None:
-        """The fixed image, grey, no ticks."""
-        ax.imshow(self.cut(self.case.pair.fixed), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-        ax.set_title(title, fontsize=8)
-        ax.set_axis_off()
-
-
-def new_figure(panels: int, title: str) -> tuple[Figure, list[Axes]]:
-    """A figure with ``panels`` axes side by side and a title (Agg canvas, no pyplot state)."""
-    figure = Figure(figsize=(3.6 * panels, 4.0))
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(1, panels, squeeze=False)[0]
-    figure.suptitle(title, fontsize=9)
-    return figure, list(axes)
-
-
-def save_figure(figure: Figure, path: Path) -> None:
-    """Write a PNG atomically."""
-    write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=110, bbox_inches="tight"))
-
-
 def jacobian_figure(view: FigureSlice, runs: list[Run], args: argparse.Namespace) -> Figure:
     """Jacobian determinant of each run's field on the slice; folds (det <= 0) outlined in black."""
-    figure, axes = new_figure(len(runs), f"{view.case.name}, slice {view.depth}: Jacobian determinant "
+    figure, axes = new_figure(len(runs), f"{view.name}, slice {view.depth}: Jacobian determinant "
                                          "(blue < 1 < red; black: det <= 0)")
-    depth = min(view.depth, view.case.pair.fixed.shape[0] - 2)  # forward differences drop the last slice
+    depth = min(view.depth, view.pair.fixed.shape[0] - 2)  # forward differences drop the last slice
     for ax, run in zip(axes, runs):
         determinant = jacobian_determinant(torch.from_numpy(run.result.field)[None], method="forward")[0].numpy()
         cut = determinant[depth][view.crop]
@@ -489,15 +344,15 @@ def organ_figure(view: FigureSlice, runs: list[Run], args: argparse.Namespace) -
     structure; the fixed contour of that structure dashed white."""
     target = ORGANS[0]
     shown = [runs[0]] + [run for run in runs[1:] if run.row["target"] == target]
-    figure, axes = new_figure(len(shown), f"{view.case.name}, slice {view.depth}: warped moving labels "
+    figure, axes = new_figure(len(shown), f"{view.name}, slice {view.depth}: warped moving labels "
                                           f"(legend below); fixed {target} dashed white")
     handles = [Line2D([], [], color=colour, label=structure) for structure, colour in LABEL_COLOURS.items()]
     figure.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(handles), fontsize=8)
     for ax, run in zip(axes, shown):
-        warped = view.cut(warped_labels(view.case.pair, run.result.field))
+        warped = view.cut(warp_moving_labels(view.pair, run.result.field))
         view.show_fixed(ax, f"{run.row['config']}\n{target} Dice {run.row[target]:.1f} %, Overall "
                             f"{run.row['Overall']:.1f} %")
-        ax.contour(view.cut(view.case.pair.fixed_labels) == ACDC_LABELS[target], levels=[0.5], colors="white",
+        ax.contour(view.cut(view.pair.fixed_labels) == ACDC_LABELS[target], levels=[0.5], colors="white",
                    linewidths=1.0, linestyles="--")
         for structure, colour in LABEL_COLOURS.items():
             if np.any(warped == ACDC_LABELS[structure]):
@@ -508,9 +363,9 @@ def organ_figure(view: FigureSlice, runs: list[Run], args: argparse.Namespace) -
 def direction_figure(view: FigureSlice, runs: list[Run], args: argparse.Namespace) -> Figure:
     """In-plane field inside the region (arrows, true length) and, from the region's centre, its mean
     displacement (red) and the prescribed one (cyan), both drawn 3x longer."""
-    figure, axes = new_figure(len(runs), f"{view.case.name}, slice {view.depth}: field in the fixed "
+    figure, axes = new_figure(len(runs), f"{view.name}, slice {view.depth}: field in the fixed "
                                          f"{args.direction_region} (yellow); mean (red) vs prescribed (cyan), x3")
-    region = view.cut(label_mask(view.case.pair.fixed_labels, args.direction_region)) > 0
+    region = view.cut(label_mask(view.pair.fixed_labels, args.direction_region)) > 0
     rows, cols = np.nonzero(region)
     every = (rows % 2 == 0) & (cols % 2 == 0)
     centre = (cols.mean(), rows.mean()) if rows.size else (0.0, 0.0)
@@ -532,12 +387,12 @@ def early_stopping_figure(view: FigureSlice, runs: list[Run], args: argparse.Nam
     """Per schedule: Overall Dice (volume) and the mean change of the clean-field estimate after every
     step, with the tolerances (dotted) and the steps where each rule stops (vertical lines)."""
     full_runs = [run for run in runs if run.trajectory]
-    figure, axes = new_figure(len(full_runs), f"{view.case.name}: EarlyStopping(patience "
+    figure, axes = new_figure(len(full_runs), f"{view.name}: EarlyStopping(patience "
                                               f"{args.early_stopping_patience}) on the recorded sampling")
     figure.subplots_adjust(wspace=0.7)  # room for the twin axes' labels
     for ax, full in zip(axes, full_runs):
         steps = full.row["schedule_steps"]
-        dice = [100 * acdc_dice(warped_labels(view.case.pair, x0[0].numpy()), view.case.pair.fixed_labels)["Overall"]
+        dice = [100 * acdc_dice(warp_moving_labels(view.pair, x0[0].numpy()), view.pair.fixed_labels)["Overall"]
                 for x0 in full.trajectory]
         changes = [float((b - a).abs().mean()) for a, b in zip(full.trajectory, full.trajectory[1:])]
         ax.plot(range(1, steps + 1), dice, "o-", color="tab:blue", markersize=3)
@@ -559,29 +414,9 @@ def early_stopping_figure(view: FigureSlice, runs: list[Run], args: argparse.Nam
     return figure
 
 
-def uncertainty_figure(view: FigureSlice, runs: list[Run], args: argparse.Namespace) -> Figure:
-    """The uncertainty magnitude of the sampled run next to its label disagreement, in the dilated heart."""
-    sampled = runs[-1]
-    fixed = view.case.pair.fixed_labels
-    warped = warped_labels(view.case.pair, sampled.result.field)
-    region = view.cut(heart_region(fixed, warped, args.heart_margin))
-    figure, axes = new_figure(2, f"{view.case.name}, slice {view.depth}: {sampled.row['config']}; "
-                                 f"heart dilated {args.heart_margin} voxels outlined")
-    magnitude = view.cut(np.linalg.norm(sampled.result.uncertainty, axis=0))
-    view.show_fixed(axes[0], "uncertainty magnitude (voxels)")
-    shown = axes[0].imshow(np.where(region, magnitude, np.nan), cmap="magma", alpha=0.8)
-    figure.colorbar(shown, ax=axes[0], shrink=0.7)
-    view.show_fixed(axes[1], f"label disagreement (red); voxel point-biserial r = {sampled.row['voxel_r']:.3f}")
-    disagreement = region & (view.cut(warped) != view.cut(fixed))
-    axes[1].imshow(np.ma.masked_where(~disagreement, disagreement), cmap="autumn", alpha=0.7)
-    for ax in axes:
-        ax.contour(region, levels=[0.5], colors="white", linewidths=0.6)
-    return figure
-
-
 FIGURES: dict[str, Callable[[FigureSlice, list[Run], argparse.Namespace], Figure]] = {
     "folds": jacobian_figure, "similarity": jacobian_figure, "organ": organ_figure, "direction": direction_figure,
-    "early-stopping": early_stopping_figure, "uncertainty": uncertainty_figure}
+    "early-stopping": early_stopping_figure}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -621,8 +456,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--early-stopping-tolerances", type=float, nargs="+", default=[0.01, 0.02, 0.05],
                         help="voxels")
     parser.add_argument("--early-stopping-patience", type=int, default=2)
-    parser.add_argument("--num-samples", type=int, default=5)
-    parser.add_argument("--heart-margin", type=int, default=3, help="in-plane dilation of the heart, voxels")
     parser.add_argument("--figure-patient", type=int, help="patient number of the figures (default: the first)")
     parser.add_argument("--figure-slice", type=int, help="model-grid slice of the figures (default: most heart)")
     parser.add_argument("--threads", type=int, default=2)
@@ -639,9 +472,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     dataset = ACDCDataset(args.data, split="val", spatial_dims=3, patients=args.patients,
                           preprocessing=pipe.preprocessing)
     sections = [section for section in SECTIONS if section in args.sections]
-    figure_name = dataset.names[0] if args.figure_patient is None else f"patient{args.figure_patient:03d}"
-    if figure_name not in dataset.names:
-        raise ValueError(f"--figure-patient: {figure_name} is not among the cases {dataset.names}")
+    figure_name = figure_case_name(dataset.names, args.figure_patient)
 
     rows: dict[str, list[dict[str, Any]]] = {section: [] for section in sections}
     seconds: dict[str, float] = {}
@@ -662,10 +493,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 figure_case, figure_runs[section] = case, runs
 
     args.output.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"settings": {**{key: str(value) if isinstance(value, Path) else value
-                                              for key, value in vars(args).items()},
-                                           "cases": dataset.names, "torch": torch.__version__,
-                                           "command": " ".join(sys.argv if argv is None else [__file__, *argv])},
+    report: dict[str, Any] = {"settings": {**run_settings(args, argv, __file__), "cases": dataset.names},
                               "seconds": seconds, "sections": {}}
     markdown = [f"# Control benchmark: {args.model}, {len(dataset.names)} cases x {len(args.seeds)} seeds, "
                 f"{args.steps} DDIM steps\n",
@@ -677,24 +505,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                        SECTION_COLUMNS[section]) for config in configs}
         report["sections"][section] = {"rows": rows[section], "summary": summaries}
         markdown += [f"## {section}\n", summary_markdown(summaries, SECTION_COLUMNS[section], PRECISE_COLUMNS)]
-        if section == "uncertainty":
-            correlations = uncertainty_correlations(rows[section])
-            report["sections"][section]["correlations"] = correlations
-            markdown += ["\n", correlation_markdown(correlations, args.heart_margin)]
         markdown.append(f"\n{seconds[section]:.0f} s in this section ({seconds['none']:.0f} s for the unguided "
                         "runs shared by all sections)\n")
     if figure_case is not None:
-        view = FigureSlice.around_heart(figure_case, args.figure_slice)
+        view = FigureSlice.around_heart(figure_case.name, figure_case.pair, args.figure_slice)
         for section, runs in tqdm(figure_runs.items(), desc="figures"):
             save_figure(FIGURES[section](view, runs, args), args.output / f"{section}.png")
 
-    report = json_ready(report)
-    text = "\n".join(markdown)
-    write_atomically(args.output / "control.json",
-                     lambda temporary: temporary.write_text(json.dumps(report, indent=2) + "\n"))
-    write_atomically(args.output / "control.md", lambda temporary: temporary.write_text(text))
-    print(text)
-    return report
+    return write_report(args.output / "control.json", report, args.output / "control.md", markdown)
 
 
 if __name__ == "__main__":

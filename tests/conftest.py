@@ -1,8 +1,13 @@
-"""Shared pytest fixtures: the ACDC data folder, and tiny untrained pipelines (``tiny.py``) saved to disk."""
+"""Shared pytest fixtures: the ACDC data folder, tiny untrained pipelines (``tiny.py``) saved to disk, and the
+benchmark scripts as modules."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -65,3 +70,22 @@ def with_teacher():
         return folder
 
     return copy_with_teacher
+
+
+@pytest.fixture(scope="session")
+def benchmark_script() -> Callable[[str], ModuleType]:
+    """``benchmark_script(name)``: ``benchmarks/<name>.py`` as a module, registered in ``sys.modules``
+    (as its dataclasses need) with ``benchmarks/`` on the path (as running it from the shell puts
+    it, for its sibling modules)."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+
+    def load(name: str) -> ModuleType:
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+        spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    return load

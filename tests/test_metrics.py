@@ -10,6 +10,7 @@ from diffusereg.metrics import (
     ACDC_STRUCTURES,
     acdc_case_metrics,
     acdc_dice,
+    auroc,
     dice,
     hd95,
     jacobian_std,
@@ -135,3 +136,22 @@ def test_acdc_case_metrics_row() -> None:
     assert row["HD95_LV"] == pytest.approx(hd95(PRED.reshape(shape), REF.reshape(shape), 3, (1.5, 1.5)))
     assert row["NJD_percent"] == 0.0 and row["JSD"] == 0.0
     assert all(isinstance(value, float) for value in row.values())
+
+
+def test_auroc_known_cases_and_ties() -> None:
+    assert auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75  # 3 of the 4 positive-negative pairs ordered
+    assert auroc([1.0, 2.0, 3.0], [False, True, True]) == 1.0
+    assert auroc([3.0, 2.0, 1.0], [False, True, True]) == 0.0
+    assert auroc([5.0, 5.0, 5.0, 5.0], [0, 1, 0, 1]) == 0.5  # all tied: chance
+    assert math.isnan(auroc([1.0, 2.0], [1, 1])) and math.isnan(auroc([1.0, 2.0], [0, 0]))
+    with pytest.raises(ValueError, match="3 scores for 2 labels"):
+        auroc([1.0, 2.0, 3.0], [0, 1])
+
+
+def test_auroc_is_the_share_of_correctly_ordered_pairs() -> None:
+    generator = np.random.default_rng(0)
+    scores = generator.integers(0, 5, size=200)  # many ties
+    positives = generator.random(200) < scores / 8
+    pairs = scores[positives][:, None] - scores[~positives][None, :]
+    expected = ((pairs > 0).sum() + 0.5 * (pairs == 0).sum()) / pairs.size
+    assert auroc(torch.from_numpy(scores), positives) == pytest.approx(expected, abs=1e-12)

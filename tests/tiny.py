@@ -35,3 +35,12 @@ def save_tiny_pipeline(folder: Path, spatial_dims: int, **grid: tuple) -> Path:
     """:func:`tiny_pipeline` saved into ``folder``; returns ``folder``."""
     tiny_pipeline(spatial_dims, **grid).save_pretrained(folder)
     return folder
+
+
+def spread_tiny_pipeline(model_size: tuple[int, ...]) -> DiffuseRegPipeline:
+    """A tiny 2D pipeline on the paper's spacing whose samples differ by whole voxels: field std 0.5
+    voxels and a random output convolution (a fresh one is zero, and so is every sample)."""
+    pipe = tiny_pipeline(2, model_spacing=(1.5, 1.5, 3.15), model_size=model_size, field_std=[0.5, 0.5])
+    torch.manual_seed(0)
+    torch.nn.init.normal_(pipe.denoiser.decoder.out.weight, std=0.05)
+    return pipe

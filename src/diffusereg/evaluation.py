@@ -50,6 +50,7 @@ __all__ = [
     "summarize",
     "summary_markdown",
     "teacher_registrar",
+    "warp_moving_labels",
     "write_evaluation",
 ]
 
@@ -207,9 +208,15 @@ def score_case(pair: PreprocessedPair, result: RegistrationResult, case: str, gr
     expected = (pair.fixed.ndim, *pair.fixed.shape)
     if result.field.shape != expected:
         raise ValueError(f"case {case}: the method returned a field of shape {result.field.shape}, expected {expected}")
-    labels = torch.from_numpy(np.asarray(pair.moving_labels).astype(np.int64))[None, None]
-    warped = warp_labels(labels, torch.from_numpy(np.asarray(result.field, dtype=np.float32))[None])[0, 0].numpy()
+    warped = warp_moving_labels(pair, result.field)
     return _case_row(case, group, warped, pair.fixed_labels, result, pair.grid.model.axis_spacing, seconds)
+
+
+def warp_moving_labels(pair: PreprocessedPair, field: np.ndarray) -> np.ndarray:
+    """The moving labels of ``pair`` warped by ``field`` ``(ndim, *S)`` (voxels of the model grid)
+    with nearest neighbour, as :func:`score_case` scores them: an int64 label map ``(*S)``."""
+    labels = torch.from_numpy(np.asarray(pair.moving_labels).astype(np.int64))[None, None]
+    return warp_labels(labels, torch.from_numpy(np.asarray(field, dtype=np.float32))[None])[0, 0].numpy()
 
 
 def summarize(rows: Sequence[dict[str, Any]], columns: Sequence[str] = SUMMARY_COLUMNS) -> dict[str, dict[str, float]]:
