@@ -5,6 +5,12 @@ Run (from the repository root, after training and benchmarking it):
     python benchmarks/bundle_model.py --run runs/refine_2d --benchmark benchmarks/results/acdc_val \
         --name diffusereg/acdc-2d --output src/diffusereg/pretrained/acdc-2d
 
+``--teacher runs/teacher_2d`` ships the pipeline with that teacher run's network as its teacher
+component (the denoiser unchanged, not trained further), and bundles that run's records; a
+``--run`` folder made from an earlier bundle (its ``pipeline/``, ``config.yaml`` = its
+``training/diffusion_config.yaml``, ``log.csv``, ``provenance.json``) keeps that bundle's commands
+and commit for the denoiser.
+
 Writes a ``save_pretrained`` folder: the denoiser in float16 (``--dtype float32`` keeps full
 precision), the pipeline's teacher component (float32), and ``training/`` with the exact configs
 and logs of the diffusion run and of its teacher's run (where the teacher is a run, not a saved
@@ -29,6 +35,7 @@ import torch
 import yaml
 
 from diffusereg.evaluation import summary_markdown
+from diffusereg.models import RegistrationNet
 from diffusereg.pipelines import DiffuseRegPipeline
 
 CARD_METHODS = ("identity", "ANTs SyN", "teacher (one-shot)")
@@ -61,17 +68,21 @@ def validation_table(log: list[dict[str, str]]) -> str:
 
 
 def teacher_line(diffusion: dict[str, Any], teacher: dict[str, Any] | None,
-                 teacher_log: list[dict[str, str]] | None) -> str:
-    """Where the teacher came from: a teacher run (its config and log are bundled) or a saved pipeline."""
+                 teacher_log: list[dict[str, str]] | None, swapped: bool) -> str:
+    """Where the teacher came from: a teacher run (its config and log are bundled) or a saved pipeline;
+    ``swapped``: the run's teacher replaced the one the denoiser was trained with."""
     if teacher is None or teacher_log is None:
         return (f"1. Teacher: the teacher component of `{diffusion['teacher']}`, unchanged (its model card "
                 f"describes its training).")
     minutes = float(teacher_log[-1]["elapsed_s"]) / 60
+    swap = (f" The denoiser below was trained with the teacher of `{diffusion['teacher']}`; this teacher "
+            f"replaced it afterwards, without training the denoiser further (the benchmark measures the "
+            f"pair as shipped).") if swapped else ""
     return (f"1. Teacher (`training/teacher_config.yaml`): {teacher['model']} for {teacher['train']['max_steps']} "
             f"steps of batch {teacher['data']['batch_size']}, loss {teacher['loss']['similarity']} (window "
             f"{teacher['loss']['similarity_window']}) + {teacher['loss']['smoothness_weight']} x smoothness, AdamW "
             f"{teacher['optim']['lr']}, {minutes:.0f} minutes, {direction_share(teacher['data'])}; training slices: "
-            f"`skip_empty_slices: {str(teacher['data']['skip_empty_slices']).lower()}`.")
+            f"`skip_empty_slices: {str(teacher['data']['skip_empty_slices']).lower()}`.{swap}")
 
 
 def own_starts(loss: dict[str, Any]) -> str:
@@ -90,12 +101,12 @@ def direction_share(data: dict[str, Any]) -> str:
 
 
 def recipe(diffusion: dict[str, Any], teacher: dict[str, Any] | None, diffusion_log: list[dict[str, str]],
-           teacher_log: list[dict[str, str]] | None) -> str:
+           teacher_log: list[dict[str, str]] | None, swapped: bool) -> str:
     """The training recipe, read from the configs and logs."""
     data, loss, optim, train = diffusion["data"], diffusion["loss"], diffusion["optim"], diffusion["train"]
     minutes = float(diffusion_log[-1]["elapsed_s"]) / 60
     return "\n".join([
-        teacher_line(diffusion, teacher, teacher_log),
+        teacher_line(diffusion, teacher, teacher_log, swapped),
         f"2. Denoiser (`training/diffusion_config.yaml`): recipe `{loss['recipe']}`, "
         f"{train['max_steps']} steps of batch {data['batch_size']} ({minutes:.0f} minutes), starting from "
         f"`{diffusion['init_weights'] or 'fresh weights'}` with `model: {diffusion['model']}`; target: the teacher "
@@ -114,17 +125,19 @@ def recipe(diffusion: dict[str, Any], teacher: dict[str, Any] | None, diffusion_
 
 def card(name: str, pipe: DiffuseRegPipeline, diffusion: dict[str, Any], teacher: dict[str, Any] | None,
          diffusion_log: list[dict[str, str]], teacher_log: list[dict[str, str]] | None, benchmark: dict[str, Any],
-         provenance: dict[str, Any]) -> str:
+         provenance: dict[str, Any], swapped: bool) -> str:
     """The model card, from the bundle's own records."""
     config = pipe.denoiser.config
     summaries = benchmark["summary"]
     ordered = {method: summaries[method] for method in (*CARD_METHODS, *summaries) if method in summaries}
     settings = benchmark["settings"]
     parameters = sum(p.numel() for p in pipe.denoiser.parameters()) / 1e6
+    earlier = provenance.get("denoiser")
+    denoiser_commit = f"; the denoiser was trained at commit `{earlier['commit']}`" if earlier else ""
     return f"""# Model card: `{name}`
 
 Generated by `benchmarks/bundle_model.py` from the configs, logs and benchmark stored with the
-model (`training/`; commit `{provenance['commit']}`). It registers 2D slices (a volume
+model (`training/`; commit `{provenance['commit']}`{denoiser_commit}). It registers 2D slices (a volume
 `(D, H, W)` slice by slice: its field has a zero channel 0) of cardiac cine MR ({direction_share(diffusion['data'])}
 in its training data), and loads offline:
 
@@ -153,7 +166,7 @@ them validation numbers, not test numbers.
 
 ## Training
 
-{recipe(diffusion, teacher, diffusion_log, teacher_log)}
+{recipe(diffusion, teacher, diffusion_log, teacher_log, swapped)}
 
 Reproduce: `{' && '.join(provenance['commands'])}` (from the repository root, ACDC at
 `../shared/data/acdc/training`).
@@ -188,6 +201,7 @@ def main() -> None:
     parser.add_argument("--benchmark", type=Path, required=True, help="benchmarks/acdc.py output folder (summary.json)")
     parser.add_argument("--name", required=True, help="the model's short name, e.g. diffusereg/acdc-2d")
     parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--teacher", type=Path, help="a teacher run folder whose network replaces the pipeline's teacher")
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     args = parser.parse_args()
 
@@ -195,25 +209,33 @@ def main() -> None:
     if pipe.teacher is None:
         raise SystemExit(f"{args.run}/pipeline: the pipeline has no teacher component (train it with diffusereg train)")
     diffusion = yaml.safe_load((args.run / "config.yaml").read_text())
-    teacher_run = Path(diffusion["teacher"])
+    if args.teacher is not None:
+        pipe.teacher = RegistrationNet.from_pretrained(args.teacher / "teacher").eval()
+    teacher_run = args.teacher or Path(diffusion["teacher"])
     teacher_is_run = (teacher_run / "log.csv").is_file()  # else a saved pipeline, e.g. diffusereg/acdc-2d-paper
     teacher = yaml.safe_load((teacher_run / "config.yaml").read_text()) if teacher_is_run else None
     teacher_log = read_log(teacher_run / "log.csv") if teacher_is_run else None
     diffusion_log = read_log(args.run / "log.csv")
     benchmark = json.loads((args.benchmark / "summary.json").read_text())
-    commands = [f"diffusereg train diffusion --config configs/{args.run.name}_cpu.yaml"]
+    earlier = args.run / "provenance.json"  # a run folder made from an earlier bundle keeps its records
+    denoiser_provenance = json.loads(earlier.read_text()) if earlier.is_file() else None
+    commands = ([command for command in denoiser_provenance["commands"] if "train teacher" not in command]
+                if denoiser_provenance else [f"diffusereg train diffusion --config configs/{args.run.name}_cpu.yaml"])
     if teacher_is_run:
         commands.insert(0, f"diffusereg train teacher --config configs/{teacher_run.name}_cpu.yaml")
     provenance = {
         "commit": git("rev-parse", "HEAD"), "uncommitted_changes": bool(git("status", "--porcelain")),
-        "teacher": diffusion["teacher"], "commands": commands, "benchmark": benchmark["settings"]["command"],
+        "teacher": str(teacher_run), "commands": commands, "benchmark": benchmark["settings"]["command"],
     }
+    if denoiser_provenance is not None:
+        provenance["denoiser"] = denoiser_provenance
     original = {name: tensor.clone() for name, tensor in pipe.denoiser.state_dict().items()}
     temporary = args.output.with_name(f".{args.output.name}.tmp")
     if temporary.exists():
         shutil.rmtree(temporary)
     pipe.denoiser.to(getattr(torch, args.dtype))
-    text = card(args.name, pipe, diffusion, teacher, diffusion_log, teacher_log, benchmark, provenance)
+    text = card(args.name, pipe, diffusion, teacher, diffusion_log, teacher_log, benchmark, provenance,
+                swapped=args.teacher is not None)
     pipe.save_pretrained(temporary, model_card=text)
     for config_file in temporary.rglob("*.json"):  # no path of this machine in a shipped config
         config = json.loads(config_file.read_text())

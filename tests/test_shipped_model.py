@@ -107,11 +107,6 @@ PAPER_IGNORES_IMAGES = pytest.mark.xfail(
                         "the field it is given; strict, so a fix shows up as XPASS")
 
 
-REFINE_CORRECTS_TOO_LITTLE = pytest.mark.xfail(
-    strict=True, reason="the refine model passes the zero half (it registers from zero at t = 600) but brings a "
-                        "wrong field only 18 % of the way back, not half (docs/evaluation.md)")
-
-
 SHIPPED_CORRECTS_TOO_LITTLE = pytest.mark.xfail(
     strict=True, reason="the shipped model passes the zero half but brings a wrong field 38 % of the way back "
                         "(0.89 -> 0.55 voxels), not half (docs/evaluation.md)")
@@ -119,7 +114,6 @@ SHIPPED_CORRECTS_TOO_LITTLE = pytest.mark.xfail(
 
 @pytest.mark.acdc
 @pytest.mark.parametrize("model", [pytest.param(SHIPPED, marks=SHIPPED_CORRECTS_TOO_LITTLE),
-                                   pytest.param("diffusereg/acdc-2d-refine", marks=REFINE_CORRECTS_TOO_LITTLE),
                                    pytest.param("diffusereg/acdc-2d-paper", marks=PAPER_IGNORES_IMAGES)])
 def test_the_denoiser_reads_the_images_at_low_noise(acdc_root: Path, model: str) -> None:
     """The probe of a denoiser that ignores its images, at t = 600 on eight labelled slices of

@@ -29,7 +29,6 @@ PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 BUNDLED_MODELS: dict[str, str] = {
     "diffusereg/acdc-2d": "acdc-2d",
     "diffusereg/acdc-2d-paper": "acdc-2d-paper",
-    "diffusereg/acdc-2d-refine": "acdc-2d-refine",
 }
 """Short model names and their folders under :data:`PRETRAINED_DIR`."""
 
