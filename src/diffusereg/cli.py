@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     register = commands.add_parser(
         "register", parents=[pair, sampling, start],
         help="register a pair of images (or a list of pairs) and write the results",
-        description="Register MOVING to FIXED (NIfTI, MHA/MHD or NRRD; any size, spacing, orientation). Writes into "
+        description="Register MOVING to FIXED (NIfTI, MHA/MHD, NRRD, a 2D PNG/JPEG/TIFF/BMP picture, or a folder "
+                    "of one DICOM series; any size, spacing, orientation). Writes into "
                     "OUTDIR the warped image and labels, the field (field.h5 ITK transform, field.nii.gz), "
                     "jacobian.nii.gz, uncertainty.nii.gz (--samples > 1) and metrics.json, all on the fixed image's "
                     "grid. With --pairs, one sub-folder per pair; finished pairs are skipped.")
