@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from diffusereg.io import (
     ImageReadError,
     InvalidImageError,
     read_displacement_field,
+    read_displacement_transform,
     read_grid,
     read_image,
     validate_image,
@@ -101,10 +103,73 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_unsupported_extension(tmp_path: Path) -> None:
-    path = tmp_path / "image.png"
-    path.write_bytes(b"\x89PNG")
-    with pytest.raises(ImageReadError, match=r"image\.png: unsupported file extension"):
+    path = tmp_path / "image.docx"
+    path.write_bytes(b"PK")
+    with pytest.raises(ImageReadError, match=r"image\.docx: unsupported file extension"):
         read_image(path)
+
+
+def test_empty_file_is_named_empty_not_corrupt(tmp_path: Path) -> None:
+    for name in ("empty.nii.gz", "empty.png", "empty.h5"):
+        (tmp_path / name).touch()
+    for read in (read_image, read_grid):
+        for name in ("empty.nii.gz", "empty.png"):
+            with pytest.raises(ImageReadError, match=rf"^{re.escape(str(tmp_path / name))}: is empty \(0 bytes\)$"):
+                read(tmp_path / name)
+    with pytest.raises(ImageReadError, match=r"empty\.h5: is empty \(0 bytes\)"):
+        read_displacement_transform(tmp_path / "empty.h5")
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".tif", ".bmp"])
+def test_colour_pictures_are_read_as_their_luminance(tmp_path: Path, suffix: str) -> None:
+    rgb = np.zeros((20, 30, 3), dtype=np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 200, 100, 50
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(tmp_path / f"colour{suffix}"))
+    image = read_image(tmp_path / f"colour{suffix}")
+    assert image.array.shape == (20, 30) and image.ndim == 2
+    expected = 0.299 * 200 + 0.587 * 100 + 0.114 * 50
+    np.testing.assert_allclose(image.array, expected, atol=3.0 if suffix == ".jpg" else 1e-3)  # JPEG is lossy
+    assert read_grid(tmp_path / f"colour{suffix}").shape == (20, 30)
+
+
+def test_grey_png_keeps_its_values(tmp_path: Path) -> None:
+    grey = np.arange(20 * 30, dtype=np.uint16).reshape(20, 30)
+    sitk.WriteImage(sitk.GetImageFromArray(grey), str(tmp_path / "grey.png"))
+    image = read_image(tmp_path / "grey.png")
+    np.testing.assert_array_equal(image.array, grey)
+    assert image.spacing == (1.0, 1.0)
+
+
+def write_dicom_series(image: Image, folder: Path) -> Path:
+    """``image`` (3D, int16 values) as a DICOM series, one file per slice, geometry in the tags."""
+    folder.mkdir(parents=True, exist_ok=True)
+    volume = image.to_sitk()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    direction = "\\".join(f"{v:.6f}" for v in (*image.direction[0:7:3], *image.direction[1:8:3]))
+    for k in range(volume.GetDepth()):
+        piece = volume[:, :, k]
+        for tag, value in (("0020|000e", "1.2.826.0.1.3680043.2.1125.1"), ("0020|0037", direction),
+                           ("0020|0032", "\\".join(f"{v:.6f}" for v in volume.TransformIndexToPhysicalPoint((0, 0, k)))),
+                           ("0020|0013", str(k + 1)), ("0008|0060", "MR"),
+                           ("0008|0018", f"1.2.826.0.1.3680043.2.1125.2.{k + 1}")):
+            piece.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(piece)
+    return folder
+
+
+def test_dicom_series_folder_is_read_as_one_volume(tmp_path: Path) -> None:
+    values = np.random.default_rng(0).integers(0, 1000, size=(5, 12, 16)).astype(np.int16)
+    image = Image(values, (0.8, 0.9, 2.5), (-10.0, 20.0, 30.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    folder = write_dicom_series(image, tmp_path / "series")
+    read = read_image(folder)
+    np.testing.assert_array_equal(read.array, values)
+    assert read.grid.same_as(image.grid, atol=1e-3)
+    assert read_grid(folder).same_as(image.grid, atol=1e-3)
+    (tmp_path / "empty_folder").mkdir()
+    with pytest.raises(ImageReadError, match=r"empty_folder: is a folder without a DICOM series"):
+        read_image(tmp_path / "empty_folder")
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".mha", ".nrrd"])

@@ -226,6 +226,17 @@ def test_forward_jacobian_matches_paper_code() -> None:
     torch.testing.assert_close(jacobian_determinant(field), paper_jacobian_3d(field))
 
 
+@pytest.mark.parametrize("method", ["forward", "central"])
+def test_jacobian_of_a_single_slice_is_the_in_plane_one(method: str) -> None:
+    """A (1, H, W) volume (how many 2D images are stored) crashed torch.gradient (issue 32)."""
+    in_plane = torch.randn(1, 2, 7, 8, generator=torch.Generator().manual_seed(5), dtype=DTYPE)
+    volume = torch.cat([torch.zeros_like(in_plane[:, :1]), in_plane], dim=1)[:, :, None]  # (1, 3, 1, 7, 8)
+    determinant = jacobian_determinant(volume, method=method)
+    expected = jacobian_determinant(in_plane, method=method)
+    assert determinant.shape == (1, 1, *expected.shape[1:])
+    torch.testing.assert_close(determinant[:, 0], expected)
+
+
 def test_jacobian_rejects_bad_input() -> None:
     with pytest.raises(ValueError):
         jacobian_determinant(torch.zeros(1, 3, 5, 5))

@@ -15,6 +15,9 @@ import io
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import zipfile
 from collections.abc import Callable, Iterator
@@ -315,6 +318,25 @@ def test_watch_warns_when_it_listens_beyond_this_computer(coarse_tiny_model: Pat
     assert "open http://127.0.0.1:" in out and "warning" not in err
     assert main(["watch", "--model", str(coarse_tiny_model), "--host", "0.0.0.0", "--port", "0"]) == 0
     assert "warning: listening on 0.0.0.0" in capsys.readouterr().err
+
+
+def test_watch_removes_its_temporary_folder_when_terminated(coarse_tiny_model: Path, tmp_path: Path):
+    """SIGTERM left ``diffusereg-watch-*`` in the temporary folder (issue 32)."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    command = subprocess.Popen([sys.executable, "-m", "diffusereg.cli", "watch", "--model", str(coarse_tiny_model),
+                                "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "TMPDIR": str(temporary), "HF_HUB_OFFLINE": "1"})
+    try:
+        line = command.stdout.readline()  # printed once the session and server are up
+        assert "open http://127.0.0.1:" in line, command.stderr.read()
+        assert list(temporary.glob("diffusereg-watch-*"))
+        command.send_signal(signal.SIGTERM)
+        command.wait(timeout=60)
+    finally:
+        command.kill()
+    assert command.returncode == 0, command.stderr.read()
+    assert not list(temporary.glob("diffusereg-watch-*"))
 
 
 def test_watch_needs_both_images_or_none(coarse_tiny_model: Path, phantom_files: PairFiles,

@@ -10,8 +10,11 @@ its traceback. Warnings about implausible inputs are printed as one line each,
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -82,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     register = commands.add_parser(
         "register", parents=[pair, sampling, start],
         help="register a pair of images (or a list of pairs) and write the results",
-        description="Register MOVING to FIXED (NIfTI, MHA/MHD or NRRD; any size, spacing, orientation). Writes into "
+        description="Register MOVING to FIXED (NIfTI, MHA/MHD, NRRD, a 2D PNG/JPEG/TIFF/BMP picture, or a folder "
+                    "of one DICOM series; any size, spacing, orientation). Writes into "
                     "OUTDIR the warped image and labels, the field (field.h5 ITK transform, field.nii.gz), "
                     "jacobian.nii.gz, uncertainty.nii.gz (--samples > 1) and metrics.json, all on the fixed image's "
                     "grid. With --pairs, one sub-folder per pair; finished pairs are skipped.")
@@ -309,6 +313,21 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM (``kill``, a service manager stopping the command) raises
+    KeyboardInterrupt like Ctrl+C, so the code that cleans up on Ctrl+C runs for it too; the
+    previous handler is restored after."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _run_watch(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -322,19 +341,19 @@ def _run_watch(args: argparse.Namespace) -> int:
         raise RegistrationError("give FIXED and MOVING, or neither (the cardiac phantom)")
     settings = _settings(args)
     pipe = load_pipeline(args.model, _device(args), allow_pickle=args.trust_pickle_weights)
-    with tempfile.TemporaryDirectory(prefix="diffusereg-watch-") as folder:
+    with _terminate_as_interrupt(), tempfile.TemporaryDirectory(prefix="diffusereg-watch-") as folder:
         session = WatchSession(pipe, folder, model_name=args.model, settings=settings)
         if args.fixed is None:
             session.load_phantom()
         else:
             session.load(PairFiles(args.fixed, args.moving, args.fixed_labels, args.moving_labels))
         server = WatchServer(session, args.host, args.port)
-        if not is_loopback(args.host):
-            print(f"diffusereg watch: warning: listening on {args.host}: anyone who can reach this address can upload "
-                  "images and run registrations here, without a password", file=sys.stderr)
-        print(f"diffusereg watch: open {server.url} in a browser (Ctrl+C to quit; outputs not downloaded are lost)",
-              flush=True)
         try:
+            if not is_loopback(args.host):
+                print(f"diffusereg watch: warning: listening on {args.host}: anyone who can reach this address can "
+                      "upload images and run registrations here, without a password", file=sys.stderr)
+            print(f"diffusereg watch: open {server.url} in a browser (Ctrl+C or SIGTERM to quit; outputs not "
+                  "downloaded are lost)", flush=True)
             server.serve_forever()
         except KeyboardInterrupt:
             print("diffusereg watch: stopped")

@@ -5,8 +5,10 @@
 exactly as SimpleITK reports it (``spacing``, ``origin`` in ITK ``(x, y, z)`` order, millimetres;
 ``direction`` as a flattened row-major ``ndim x ndim`` matrix).
 
-Supported image files: ``.nii``, ``.nii.gz``, ``.mha``, ``.mhd`` (+ data file), ``.nrrd``.
-Displacement fields are written either as vector images (same extensions) or as an ITK
+Images are read from and written to ``.nii``, ``.nii.gz``, ``.mha``, ``.mhd`` (+ data file) and
+``.nrrd`` files; 2D pictures are also read from ``.png``, ``.jpg``/``.jpeg``, ``.tif``/``.tiff``
+and ``.bmp`` files (colour ones as their luminance), and volumes from a folder holding one DICOM
+series. Displacement fields are written either as vector images (same extensions) or as an ITK
 ``DisplacementFieldTransform`` in an HDF5 transform file (``.h5``, ``.hdf5``).
 """
 
@@ -33,12 +35,14 @@ from diffusereg.spatial import field_to_world, world_to_field
 __all__ = [
     "FIELD_TRANSFORM_SUFFIXES",
     "IMAGE_SUFFIXES",
+    "PICTURE_SUFFIXES",
     "Grid",
     "Image",
     "ImageError",
     "ImageReadError",
     "InvalidImageError",
     "displacement_transform",
+    "luminance",
     "read_displacement_field",
     "read_displacement_transform",
     "read_grid",
@@ -53,6 +57,13 @@ __all__ = [
 IMAGE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 """File name endings read and written as images."""
 
+PICTURE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+"""File name endings read (never written) as pictures: SimpleITK's spacing (1 mm per pixel where
+the file states none), colour pixels as their luminance (:func:`luminance`)."""
+
+LUMINANCE_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
+"""Weights of red, green and blue in a colour picture's luminance (ITU-R BT.601 luma)."""
+
 FIELD_TRANSFORM_SUFFIXES: tuple[str, ...] = (".h5", ".hdf5")
 """File name endings written as an ITK ``DisplacementFieldTransform`` (HDF5 transform file)."""
 
@@ -62,7 +73,8 @@ class ImageError(ValueError):
 
 
 class ImageReadError(ImageError):
-    """A file is missing, has an unsupported extension, or cannot be decoded (corrupt, truncated)."""
+    """A file is missing, empty, has an unsupported extension, or cannot be decoded (corrupt,
+    truncated); a folder holds no DICOM series, or several."""
 
 
 class InvalidImageError(ImageError):
@@ -250,14 +262,20 @@ def _itk_warnings_silenced() -> Iterator[None]:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
 
 
-def _check_readable(path: Path, suffixes: tuple[str, ...]) -> None:
-    """Raise ImageReadError unless ``path`` is an existing file with one of ``suffixes``."""
+def _check_readable(path: Path, suffixes: tuple[str, ...], series: bool = False) -> None:
+    """Raise ImageReadError unless ``path`` is a non-empty file with one of ``suffixes`` (or, with
+    ``series``, a folder: a DICOM series)."""
     if not path.exists():
         raise ImageReadError(f"{path}: file does not exist")
+    if path.is_dir() and series:
+        return
     if not path.is_file():
         raise ImageReadError(f"{path}: is not a file")
     if _suffix(path) not in suffixes:
-        raise ImageReadError(f"{path}: unsupported file extension; expected one of {', '.join(suffixes)}")
+        folder = " (or a folder of one DICOM series)" if series else ""
+        raise ImageReadError(f"{path}: unsupported file extension; expected one of {', '.join(suffixes)}{folder}")
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"{path}: is empty (0 bytes)")
 
 
 def _raw_nifti_header(stream: BinaryIO) -> nib.Nifti1Header:
@@ -308,20 +326,50 @@ def _itk_reason(error: RuntimeError, path: Path) -> str:
     return str(error).strip().splitlines()[-1].replace(f' for "{path}"', "").strip()
 
 
+def _dicom_series_files(folder: Path) -> list[str]:
+    """The files of the one DICOM series in ``folder``, in slice order (GDCM's sorting)."""
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise ImageReadError(f"{folder}: is a folder without a DICOM series; give an image file or the folder of "
+                             "one DICOM series")
+    if len(series) > 1:
+        raise ImageReadError(f"{folder}: holds {len(series)} DICOM series ({', '.join(series)}); give the folder "
+                             "of one series")
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+
+
 def _read_sitk(path: Path) -> sitk.Image:
-    """Read a file with SimpleITK, turning its multi-line errors into a one-line ImageReadError."""
+    """Read a file (or the DICOM series of a folder) with SimpleITK, turning its multi-line errors
+    into a one-line ImageReadError."""
     try:
         with _itk_warnings_silenced():
+            if path.is_dir():
+                return sitk.ReadImage(_dicom_series_files(path))
             return sitk.ReadImage(str(path))
     except RuntimeError as error:
         reason = _itk_reason(error, path)
         raise ImageReadError(f"{path}: cannot be read as an image (corrupt or unsupported: {reason})") from error
 
 
+def luminance(picture: sitk.Image) -> sitk.Image:
+    """A colour picture (RGB or RGBA pixels) as one float32 grey value per pixel,
+    ``LUMINANCE_WEIGHTS`` times red, green and blue (alpha ignored); grey pictures unchanged."""
+    components = picture.GetNumberOfComponentsPerPixel()
+    if components not in (3, 4):
+        return picture
+    rgb = sitk.GetArrayFromImage(picture)[..., :3].astype(np.float32)
+    grey = sitk.GetImageFromArray(rgb @ np.asarray(LUMINANCE_WEIGHTS, dtype=np.float32), isVector=False)
+    grey.CopyInformation(picture)
+    return grey
+
+
 def read_grid(path: str | os.PathLike) -> Grid:
-    """Read only the header of an image file: its grid (shape, spacing, origin, direction)."""
+    """Read only the header of an image file (a DICOM series folder: the whole series): its grid
+    (shape, spacing, origin, direction)."""
     path = Path(path)
-    _check_readable(path, IMAGE_SUFFIXES)
+    _check_readable(path, IMAGE_SUFFIXES + PICTURE_SUFFIXES, series=True)
+    if path.is_dir():
+        return Grid.from_sitk(_read_sitk(path))  # a series has no header of its own: read it whole
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -338,21 +386,26 @@ def read_grid(path: str | os.PathLike) -> Grid:
 
 
 def read_image(path: str | os.PathLike) -> Image:
-    """Read a 2D or 3D scalar image (``.nii``, ``.nii.gz``, ``.mha``, ``.mhd``, ``.nrrd``).
+    """Read a 2D or 3D scalar image: a ``.nii``, ``.nii.gz``, ``.mha``, ``.mhd`` or ``.nrrd`` file,
+    a picture (:data:`PICTURE_SUFFIXES`; colour as :func:`luminance`), or a folder holding one
+    DICOM series.
 
     Returns:
         The `Image`, with the file's voxel type and geometry.
 
     Raises:
-        ImageReadError: the file is missing, has an unsupported extension, or is corrupt/truncated.
+        ImageReadError: the file is missing, empty, has an unsupported extension, or is
+            corrupt/truncated; the folder holds no DICOM series or several.
         InvalidImageError: the image is 4D, vector-valued, has NaN/inf voxels, non-positive
             spacing or a non-orthonormal direction.
     """
     path = Path(path)
-    _check_readable(path, IMAGE_SUFFIXES)
-    if _suffix(path) in (".nii", ".nii.gz"):
+    _check_readable(path, IMAGE_SUFFIXES + PICTURE_SUFFIXES, series=True)
+    if _suffix(path) in (".nii", ".nii.gz") and path.is_file():
         _check_nifti(path)
     sitk_image = _read_sitk(path)
+    if _suffix(path) in PICTURE_SUFFIXES:
+        sitk_image = luminance(sitk_image)
     components = sitk_image.GetNumberOfComponentsPerPixel()
     if components != 1:
         raise InvalidImageError(

@@ -142,7 +142,8 @@ def register_pair(pipe: DiffuseRegPipeline, fixed: Source, moving: Source, outpu
 
     Args:
         pipe: the registration pipeline (on its device); its scheduler is set to ``settings.scheduler``.
-        fixed, moving: image files (NIfTI, MHA/MHD, NRRD) or :class:`~diffusereg.io.Image`;
+        fixed, moving: image files (NIfTI, MHA/MHD, NRRD, pictures, DICOM series folders; see
+            :func:`~diffusereg.io.read_image`) or :class:`~diffusereg.io.Image`;
             2D or 3D, any size, spacing and orientation.
         output_dir: the folder for the outputs (created if needed).
         settings: sampling settings.

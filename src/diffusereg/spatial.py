@@ -171,27 +171,36 @@ def resize_field(field: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 def jacobian_determinant(field: torch.Tensor, method: Literal["forward", "central"] = "forward") -> torch.Tensor:
     """Determinant of the Jacobian of ``x -> x + u(x)``: ``det(I + du_c/dx_a)``.
 
+    An axis of one voxel (a single slice) has no derivative along it: ``du/dx`` there is 0 and
+    the axis is kept, so the determinant is the in-plane one.
+
     Args:
         field: ``(B, ndim, *S)`` in voxels.
         method: ``"forward"``: forward differences ``u[k+1] - u[k]`` along each axis,
             evaluated on the voxels ``k < s - 1`` of every axis, exactly like DiffuseReg's
-            evaluation code; output ``(B, *(s - 1 for s in S))``.
+            evaluation code; output ``(B, *(s - 1 for s in S))`` (``1`` for an axis of one voxel).
             ``"central"``: :func:`torch.gradient` (central differences inside, one-sided at the
             border); output ``(B, *S)``.
     Returns:
         Determinant map (unitless, 1 means volume preserved, <= 0 means folding).
     """
     ndim = _spatial_ndim(field)
-    spatial_dims = tuple(range(2, 2 + ndim))
-    if method == "forward":
-        interior = (slice(None), slice(None)) + tuple(slice(0, size - 1) for size in field.shape[2:])
-        derivatives = [torch.diff(field, dim=dim)[interior] for dim in spatial_dims]
-    elif method == "central":
-        derivatives = list(torch.gradient(field, dim=spatial_dims))
-    else:
+    if method not in ("forward", "central"):
         raise ValueError(f"method must be 'forward' or 'central', got {method!r}")
+    sizes = field.shape[2:]
+    flat = [size == 1 for size in sizes]
+    interior = (slice(None), slice(None)) + tuple(
+        slice(None) if single or method == "central" else slice(0, size - 1) for size, single in zip(sizes, flat))
+    derivatives = []
+    for dim, single in enumerate(flat, start=2):
+        if single:
+            derivatives.append(torch.zeros_like(field))
+        elif method == "forward":
+            derivatives.append(torch.diff(field, dim=dim))
+        else:
+            derivatives.append(torch.gradient(field, dim=dim)[0])
     # jacobian[b, *k, c, a] = du_c / dx_a at voxel k
-    jacobian = torch.stack(derivatives, dim=-1).movedim(1, -2)
+    jacobian = torch.stack([d[interior] for d in derivatives], dim=-1).movedim(1, -2)
     jacobian = jacobian + torch.eye(ndim, dtype=field.dtype, device=field.device)
     return torch.linalg.det(jacobian)
 

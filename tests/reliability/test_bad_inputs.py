@@ -138,6 +138,19 @@ def corrupt_nifti(s: Setup) -> Bad:
                "ImageIO reader)")
 
 
+def empty_file(s: Setup) -> Bad:
+    path = s.tmp / "empty.nii.gz"
+    path.touch()
+    return Bad(replace(s.good, moving=path), path, "is empty (0 bytes)")
+
+
+def folder_without_dicom(s: Setup) -> Bad:
+    path = s.tmp / "series"
+    path.mkdir()
+    (path / "notes.txt").write_text("no DICOM here")
+    return Bad(replace(s.good, fixed=path), path, "is a folder without a DICOM series")
+
+
 def truncated_nifti(s: Setup) -> Bad:
     path = s.tmp / "truncated.nii.gz"
     data = s.case.moving.read_bytes()
@@ -303,7 +316,7 @@ def pickle_weights(s: Setup) -> Bad:
                "pickle weights can run code when loaded and are refused")
 
 
-CASES = [missing_file, corrupt_nifti, truncated_nifti, image_4d, image_2d_with_3d, images_2d_for_3d_model, nan_and_inf,
+CASES = [missing_file, empty_file, folder_without_dicom, corrupt_nifti, truncated_nifti, image_4d, image_2d_with_3d, images_2d_for_3d_model, nan_and_inf,
          constant_image, zero_spacing, negative_spacing, sheared_direction, no_overlap, little_overlap, too_small,
          too_large, fixed_labels_alone, labels_off_grid, labels_not_integer, labels_negative, labels_other_scheme, labels_empty, output_not_writable,
          output_is_a_file, output_is_an_input, unknown_model, truncated_weights, config_other_shapes,

@@ -72,7 +72,7 @@ def read_pair_list(list_file: str | os.PathLike) -> tuple[list[PairFiles], list[
             )
         paths = {key: list_file.parent / row[key] for key in ("fixed", "moving", *label_keys)}
         for key, path in paths.items():
-            if not path.is_file():
+            if not path.exists():  # a file, or a DICOM series folder
                 raise FileNotFoundError(f"{where}: {key} file {path} does not exist")
         files.append(PairFiles(**paths))
         names.append(row.get("name", f"pair{number:04d}"))

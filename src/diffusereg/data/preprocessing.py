@@ -5,7 +5,8 @@ Steps for a fixed/moving pair (``PaperPreprocessing.__call__``), as in the paper
 1. Resampled grid: the fixed image's origin and direction, the target ``spacing``, and
    ``round(size_i * spacing_i / target_spacing_i)`` voxels per axis.
 2. Resample the fixed and the moving image onto that one grid with SimpleITK (cubic B-spline,
-   float32, 0 outside the moving image); labels with nearest neighbour.
+   float32, 0 outside the moving image; linear for an image with fewer than
+   ``BSPLINE_MIN_SAMPLES`` voxels along an axis); labels with nearest neighbour.
 3. Scale each image's intensities on the whole resampled grid:
    ``x -= x.min(); x /= x.std(); x -= x.min(); x /= x.max()`` (so ``[0, 1]``, float32).
 4. Centre crop or zero-pad every array to ``size``: along an axis of length ``n`` the model
@@ -25,7 +26,8 @@ import SimpleITK as sitk
 
 from diffusereg.io import Grid, Image
 
-__all__ = ["ModelGrid", "PaperPreprocessing", "PreprocessedPair", "resample_to_grid", "scale_intensities"]
+__all__ = ["BSPLINE_MIN_SAMPLES", "ModelGrid", "PaperPreprocessing", "PreprocessedPair", "resample_to_grid",
+           "scale_intensities"]
 
 Interpolation = Literal["linear", "nearest", "bspline"]
 _SITK_INTERPOLATORS = {
@@ -34,6 +36,11 @@ _SITK_INTERPOLATORS = {
     "bspline": sitk.sitkBSpline,
 }
 
+BSPLINE_MIN_SAMPLES = 4
+"""Fewest voxels along every axis of an image for cubic B-spline interpolation (its support is 4
+samples wide). On an axis of fewer samples ITK's B-spline can return values that differ from call
+to call (huge ones, or NaN; see ``docs/data.md``), so such images are interpolated linearly."""
+
 
 def resample_to_grid(image: Image, grid: Grid, interpolation: Interpolation, default: float = 0.0,
                      transform: sitk.Transform | None = None) -> np.ndarray:
@@ -41,11 +48,14 @@ def resample_to_grid(image: Image, grid: Grid, interpolation: Interpolation, def
     is ``image`` at ``transform(x)`` (physical space; identity when ``transform`` is None).
 
     Images are interpolated as float32 (``linear``/``bspline``); ``nearest`` keeps the voxel type.
-    Points that land outside ``image`` get ``default``. Returns an array of shape ``grid.shape``.
+    ``bspline`` becomes ``linear`` for an image with fewer than :data:`BSPLINE_MIN_SAMPLES` voxels
+    along an axis. Points that land outside ``image`` get ``default``. Returns an array of shape ``grid.shape``.
     With the :func:`~diffusereg.io.displacement_transform` of a registration's field, this warps
     any image of the moving image's space onto the fixed grid.
     """
     source = image.to_sitk()
+    if interpolation == "bspline" and min(image.array.shape) < BSPLINE_MIN_SAMPLES:
+        interpolation = "linear"
     if interpolation != "nearest":
         source = sitk.Cast(source, sitk.sitkFloat32)
     resampled = sitk.Resample(
@@ -207,7 +217,8 @@ class PaperPreprocessing:
 
     def to_model_grid(self, image: Image, grid: ModelGrid, kind: Literal["image", "labels"]) -> np.ndarray:
         """Resample ``image`` onto the resampled fixed grid, scale it (images only) and crop/pad it
-        to the model grid. Images: B-spline, float32 in ``[0, 1]``; labels: nearest, input dtype."""
+        to the model grid. Images: B-spline (linear for thin images, see :func:`resample_to_grid`), float32 in
+        ``[0, 1]``; labels: nearest, input dtype."""
         resampled = resample_to_grid(image, grid.resampled, "bspline" if kind == "image" else "nearest")
         if kind == "image":
             resampled = scale_intensities(resampled)
