@@ -12,8 +12,12 @@ from diffusereg.metrics import (
     acdc_dice,
     auroc,
     dice,
+    ejection_fraction,
     hd95,
+    inverse_consistency_mm,
     jacobian_std,
+    label_volume_ml,
+    myocardial_mass_g,
     njd_percent,
     sdlogj,
 )
@@ -155,3 +159,38 @@ def test_auroc_is_the_share_of_correctly_ordered_pairs() -> None:
     pairs = scores[positives][:, None] - scores[~positives][None, :]
     expected = ((pairs > 0).sum() + 0.5 * (pairs == 0).sum()) / pairs.size
     assert auroc(torch.from_numpy(scores), positives) == pytest.approx(expected, abs=1e-12)
+
+
+def test_label_volume_mass_and_ejection_fraction() -> None:
+    labels = np.zeros((2, 10, 10), dtype=np.uint8)
+    labels[0, :4, :5] = 3  # 20 voxels of 10 x 1.5 x 2 mm = 30 mm^3 each
+    labels[1, :2, :5] = 2  # 10 voxels
+    spacing = (10.0, 1.5, 2.0)
+    assert label_volume_ml(labels, 3, spacing) == pytest.approx(0.6)
+    assert label_volume_ml(torch.from_numpy(labels), (2, 3), spacing) == pytest.approx(0.9)
+    assert myocardial_mass_g(labels, spacing) == pytest.approx(1.05 * 0.3)
+    assert ejection_fraction(120.0, 48.0) == pytest.approx(60.0)
+    assert math.isnan(ejection_fraction(0.0, 0.0))
+    with pytest.raises(ValueError, match="spacings"):
+        label_volume_ml(labels, 3, (1.0, 1.0))
+
+
+def test_inverse_consistency_of_a_translation_and_its_inverse_is_zero() -> None:
+    shift = np.zeros((3, 4, 12, 12), dtype=np.float32)
+    shift[1], shift[2] = 2.0, -1.0
+    mask = np.zeros((4, 12, 12), dtype=bool)
+    mask[:, 4:8, 4:8] = True
+    assert inverse_consistency_mm(shift, -shift, (10.0, 1.5, 1.5), mask) == pytest.approx(0.0, abs=1e-6)
+    # the same shift twice: every point ends (4, -2) voxels away, 1.5 mm each
+    assert inverse_consistency_mm(shift, shift, (10.0, 1.5, 1.5), mask) == pytest.approx(1.5 * math.sqrt(20))
+    assert math.isnan(inverse_consistency_mm(shift, -shift, (10.0, 1.5, 1.5), np.zeros_like(mask)))
+
+
+def test_inverse_consistency_of_a_scaling_and_its_inverse() -> None:
+    # u: x -> 1.1 x on the first axis (around voxel 0); v: its inverse; the residual is zero
+    # where x + u(x) stays inside the grid
+    u = affine_field(torch.tensor([[1.1, 0.0, 0.0], [0.0, 1.0, 0.0]]), (30, 8))[0]
+    v = affine_field(torch.tensor([[1 / 1.1, 0.0, 0.0], [0.0, 1.0, 0.0]]), (30, 8))[0]
+    inside = np.zeros((30, 8), dtype=bool)
+    inside[:25] = True
+    assert inverse_consistency_mm(u, v, (2.0, 1.0), inside) == pytest.approx(0.0, abs=1e-4)

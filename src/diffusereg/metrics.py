@@ -1,4 +1,5 @@
-"""Evaluation metrics: Dice per ACDC structure, HD95, and Jacobian-based field regularity.
+"""Evaluation metrics: Dice per ACDC structure, HD95, Jacobian-based field regularity, cardiac
+volumes (ml), ejection fraction and myocardial mass, and the inverse consistency of two fields.
 
 Every function evaluates one case and returns plain Python floats (or a flat ``dict`` of
 them, one CSV row). Label maps are integer arrays or tensors of any matching shape; fields
@@ -19,18 +20,23 @@ import torch
 from monai.metrics import compute_hausdorff_distance
 from scipy.stats import rankdata
 
-from diffusereg.spatial import jacobian_determinant
+from diffusereg.spatial import compose, jacobian_determinant, voxel_to_mm
 
 __all__ = [
     "ACDC_LABELS",
     "ACDC_SCORES",
     "ACDC_STRUCTURES",
+    "MYOCARDIAL_DENSITY",
     "acdc_case_metrics",
     "acdc_dice",
     "auroc",
     "dice",
+    "ejection_fraction",
     "hd95",
+    "inverse_consistency_mm",
     "jacobian_std",
+    "label_volume_ml",
+    "myocardial_mass_g",
     "njd_percent",
     "sdlogj",
     "structure_dice",
@@ -56,6 +62,9 @@ ACDC_STRUCTURES: dict[str, tuple[int, ...]] = {
 
 ACDC_SCORES: tuple[str, ...] = (*ACDC_STRUCTURES, "Overall")
 """The Dice columns of an ACDC evaluation: each structure, then their mean (``Overall``)."""
+
+MYOCARDIAL_DENSITY = 1.05
+"""Density of the myocardium, g/ml: the LV mass is this times the myocardial volume."""
 
 #: Clipping range of the determinant before the log in :func:`sdlogj` (Learn2Reg convention).
 LOG_DET_CLIP = (1e-9, 1e9)
@@ -264,3 +273,55 @@ def auroc(scores: ArrayLike, positives: ArrayLike) -> float:
         return math.nan
     rank_sum = float(rankdata(values)[labels].sum())
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def label_volume_ml(labels: ArrayLike, label_or_labels: Labels, axis_spacing: Sequence[float]) -> float:
+    """Volume of one structure, ml: its voxel count times the voxel volume.
+
+    Args:
+        labels: integer label map ``(*S)``.
+        label_or_labels: label value(s) of the structure.
+        axis_spacing: voxel size in mm in array-axis order (``Image.axis_spacing``).
+    """
+    mask = _mask(labels, label_or_labels)
+    if mask.ndim != len(axis_spacing):
+        raise ValueError(f"a {mask.ndim}D label map needs {mask.ndim} spacings, got {tuple(axis_spacing)}")
+    return int(mask.sum()) * math.prod(float(s) for s in axis_spacing) / 1000.0
+
+
+def ejection_fraction(end_diastolic_ml: float, end_systolic_ml: float) -> float:
+    """Ejection fraction in percent, ``100 (EDV - ESV) / EDV``; NaN when ``EDV`` is not positive."""
+    if not end_diastolic_ml > 0:
+        return math.nan
+    return 100.0 * (end_diastolic_ml - end_systolic_ml) / end_diastolic_ml
+
+
+def myocardial_mass_g(labels: ArrayLike, axis_spacing: Sequence[float], label: int = ACDC_LABELS["Myo"]) -> float:
+    """LV myocardial mass, g: the volume of ``label`` (ml, :func:`label_volume_ml`) times
+    :data:`MYOCARDIAL_DENSITY`."""
+    return MYOCARDIAL_DENSITY * label_volume_ml(labels, label, axis_spacing)
+
+
+def inverse_consistency_mm(forward: ArrayLike, backward: ArrayLike, axis_spacing: Sequence[float],
+                           mask: ArrayLike | None = None) -> float:
+    """Mean inverse-consistency residual, mm: how far a point comes from where it started when
+    mapped by one field and then by the other.
+
+    ``forward`` registers image B onto image A (it lives on A's grid and points into B),
+    ``backward`` registers A onto B; both grids must be the same voxels (e.g. two frames of one
+    cine acquisition). The residual at ``x`` is ``u(x) + v(x + u(x))``
+    (:func:`~diffusereg.spatial.compose`), zero for exact inverses.
+
+    Args:
+        forward, backward: fields ``(ndim, *S)`` or ``(1, ndim, *S)``, voxels of the shared grid.
+        axis_spacing: voxel size in mm in array-axis order.
+        mask: where to average, ``(*S)`` booleans on ``forward``'s grid (None: everywhere).
+    Returns:
+        The mean residual length in mm; NaN for an empty mask.
+    """
+    first, second = _single_case_field(backward), _single_case_field(forward)
+    residual = voxel_to_mm(compose(first, second.to(first.dtype)), axis_spacing)[0]
+    length = residual.square().sum(dim=0).sqrt()
+    if mask is not None:
+        length = length[torch.as_tensor(np.asarray(mask), dtype=torch.bool)]
+    return float(length.double().mean()) if length.numel() else math.nan
