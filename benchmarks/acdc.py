@@ -12,7 +12,9 @@ warp the moving image by the field so far, register again, compose); diffusereg 
 ``--ddim-steps``, with and without the ``EarlyStopping`` callback; optionally other models
 (``--baseline-models``, e.g. the paper-recipe ``diffusereg/acdc-2d-paper``) at the same steps,
 DDPM over the full 2000 steps on the first ``--ddpm-cases`` cases, and DDIM started from the
-teacher's field (``--refine-strengths``). ``--fixed-frames ED ES`` runs every method in both
+teacher's field (``--refine-strengths``). ``--bf16`` adds the teacher and DDIM rows again with the
+pipeline loaded in bfloat16 (``torch_dtype``: the networks' weights and arithmetic; fields, warps and
+composition stay float32 in the pipeline, the teacher's recursion runs in bfloat16). ``--fixed-frames ED ES`` runs every method in both
 directions (ED fixed, the paper's, and ES fixed), each row then labelled ``[ED fixed]`` or
 ``[ES fixed]``; the extras (DDPM, the curve, the forward timing) use the first frame given.
 
@@ -118,6 +120,7 @@ def main() -> None:
     parser.add_argument("--refine-steps", type=int, default=10)
     parser.add_argument("--ddpm-cases", type=int, default=0, help="cases for the full-length DDPM run (0: skip)")
     parser.add_argument("--skip", nargs="*", default=[], help="method names to leave out (e.g. 'ANTs SyN')")
+    parser.add_argument("--bf16", action="store_true", help="also the teacher and DDIM rows with the pipeline in bfloat16")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -151,6 +154,15 @@ def main() -> None:
         if steps >= 5:
             methods[f"DDIM {steps} + EarlyStopping({args.early_stopping:g})"] = pipeline_registrar(
                 pipe, steps, seed=args.seed, callback_on_step_end=stopper)
+    if args.bf16:
+        half = DiffuseRegPipeline.from_pretrained(args.model, torch_dtype=torch.bfloat16)
+        half.set_progress_bar_config(disable=True)
+        if half.teacher is not None:
+            for passes in args.teacher_passes:
+                name = "teacher (one-shot)" if passes == 1 else f"teacher x{passes} (recursive)"
+                methods[f"{name}, bf16"] = teacher_registrar(half.teacher, passes=passes)
+        for steps in args.ddim_steps:
+            methods[f"DDIM {steps}, bf16"] = pipeline_registrar(half, steps, seed=args.seed)
     for baseline in args.baseline_models:
         other = DiffuseRegPipeline.from_pretrained(baseline)
         other.set_progress_bar_config(disable=True)
