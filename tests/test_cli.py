@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from diffusereg.cli import main
+from diffusereg.cli import _summary, main
 from diffusereg.data import read_acdc_patient
 from diffusereg.io import read_grid, read_image, write_image
 from diffusereg.phantom import cardiac_phantom
@@ -207,27 +207,38 @@ def test_register_can_start_from_the_models_teacher(coarse_tiny_model: Path, pha
     assert "--start-from-teacher must be in (0, 1], got 1.5" in capsys.readouterr().err
 
 
-HELP_COMMANDS = [[], ["--help"], ["register", "--help"], ["apply", "--help"], ["demo", "--help"],
+HELP_COMMANDS = [["--help"], ["register", "--help"], ["apply", "--help"], ["demo", "--help"],
                  ["evaluate", "--help"], ["watch", "--help"], ["train", "--help"], ["train", "teacher", "--help"],
                  ["train", "diffusion", "--help"]]
 
 
 @pytest.mark.parametrize("argv", HELP_COMMANDS, ids=lambda argv: " ".join(argv) or "no arguments")
 def test_help_of_every_command(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    """The first thing people type: usage on stdout, exit code 0, for the bare command too."""
-    if argv:
-        with pytest.raises(SystemExit) as stopped:
-            main(argv)
-        assert stopped.value.code == 0
-    else:
-        assert main([]) == 0
+    """The first thing people type: usage on stdout, exit code 0."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 0
     shown = capsys.readouterr().out
     assert shown.startswith("usage: diffusereg") and ("COMMAND" in shown or "options:" in shown), shown
 
 
+def test_bare_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """``diffusereg`` alone exited 0 (issue 32): exit code 2, usage and the error on stderr."""
+    assert main([]) == 2
+    shown = capsys.readouterr()
+    assert not shown.out and shown.err.startswith("usage: diffusereg") and "error: give a COMMAND" in shown.err
+
+
+@pytest.mark.parametrize(("percent", "shown"), [(0.0014, "0.0014"), (0.44, "0.44"), (0.0, "0"), (12.34, "12")])
+def test_summary_shows_folding_with_two_significant_digits(percent: float, shown: str) -> None:
+    """'folding 0.00 %' was printed for 0.0014 % (issue 32)."""
+    summary = _summary({"steps_run": 3, "time_seconds": 1.0, "NJD_percent": percent}, Path("out"))
+    assert summary.endswith(f"folding {shown} % of voxels")
+
+
 def test_help_imports_no_torch() -> None:
     """``diffusereg --help`` builds the whole parser without importing torch (a separate process)."""
-    code = ("import sys\nfrom diffusereg.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys\nfrom diffusereg.cli import _summary, main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "for argv in (['train', 'diffusion', '--help'], ['apply', '--help']):\n    try:\n        main(argv)\n"
             "    except SystemExit:\n        pass\nprint('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from diffusereg.io import (
+    Grid,
     Image,
     ImageReadError,
     InvalidImageError,
@@ -295,3 +296,11 @@ def test_displacement_field_bad_inputs(tmp_path: Path) -> None:
         write_displacement_field(field, image, tmp_path / "field.txt")
     with pytest.raises(ImageReadError, match="field.h5: file does not exist"):
         read_displacement_field(tmp_path / "field.h5", image)
+
+
+def test_grid_prints_size_and_spacing_in_one_axis_order() -> None:
+    """``print(grid)`` showed the shape in array order (D, H, W) beside an (x, y, z) spacing (issue 32)."""
+    grid = Grid((10, 256, 232), (1.5625, 1.4, 10.0), (0.0, -5.0, 2.5), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    assert str(grid) == ("Grid(size (x, y, z) = (232, 256, 10) voxels, spacing (x, y, z) = (1.5625, 1.4, 10) mm, "
+                         "origin (x, y, z) = (0, -5, 2.5) mm, direction = (1, 0, 0, 0, 1, 0, 0, 0, 1))")
+    assert str(Grid((4, 6), (2.0, 3.0), (0.0, 0.0), (1, 0, 0, 1))).startswith("Grid(size (x, y) = (6, 4) voxels")

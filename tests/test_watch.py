@@ -3,8 +3,9 @@ page end to end in a real browser (Debian's Chromium driven by Playwright).
 
 The model is the tiny untrained 2D pipeline on a coarse grid (``coarse_tiny_model``, conftest.py):
 its fields are noise with many folds, so the guidance tests compare against its own unguided run.
-The browser test is skipped, with the reason, where Playwright for Python or Chromium is missing
-(``.ci/run`` installs Chromium; ``DIFFUSEREG_CHROMIUM`` names another binary).
+The browser test is skipped, with the reason, where Playwright for Python (``pip install -e
+".[browser]"``) or Chromium is missing (``.ci/run`` installs both; ``DIFFUSEREG_CHROMIUM`` names
+another binary).
 """
 
 from __future__ import annotations
@@ -348,7 +349,8 @@ def test_watch_needs_both_images_or_none(coarse_tiny_model: Path, phantom_files:
 # ---------------------------------------------------------------------------------- in a browser
 @pytest.fixture(scope="module")
 def browser() -> Iterator:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason='Playwright for Python is not installed (pip install -e ".[browser]")')
     if not CHROMIUM.is_file():
         pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install chromium, or set DIFFUSEREG_CHROMIUM")
     with sync_api.sync_playwright() as playwright:

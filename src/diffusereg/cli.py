@@ -201,6 +201,13 @@ def _device(args: argparse.Namespace) -> str:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _significant(value: float) -> str:
+    """``value`` with two significant digits, positional (``0.0014``, ``0.44``, ``12``, ``0``)."""
+    import numpy as np
+
+    return np.format_float_positional(value, precision=2, unique=False, fractional=False, trim="-")
+
+
 def _summary(metrics: dict[str, Any], output_dir: Path) -> str:
     """What a finished registration reports: a Dice table (with both label maps), then one line."""
     table = ""
@@ -212,7 +219,7 @@ def _summary(metrics: dict[str, Any], output_dir: Path) -> str:
         table += "uncertainty (mm): " + ", ".join(f"{name} {value:.2f}" for name, value in metrics["uncertainty_mm"].items())
         table += "\n"
     return (table + f"{output_dir}: {metrics['steps_run']} steps in {metrics['time_seconds']:.1f} s, "
-            f"folding {metrics['NJD_percent']:.2f} % of voxels")
+            f"folding {_significant(metrics['NJD_percent'])} % of voxels")
 
 
 def _run_register(args: argparse.Namespace) -> int:
@@ -375,9 +382,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``diffusereg`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    if args.command is None:  # a usage error, as argparse reports its own
+        parser.print_usage(sys.stderr)
+        print("diffusereg: error: give a COMMAND (diffusereg --help lists them)", file=sys.stderr)
+        return 2
     if args.command == "train":  # the training CLI reports its own errors
         return int(args.handler(args))
     _show_warnings_as_lines(args.command)

@@ -115,6 +115,18 @@ class Grid:
         """Number of spatial dimensions (2 or 3)."""
         return len(self.shape)
 
+    def __str__(self) -> str:
+        """Every quantity in ITK ``(x, y, z)`` order, so size and spacing read axis by axis (the
+        array order ``shape`` is reversed)."""
+        axes = "(x, y, z)" if self.ndim == 3 else "(x, y)"
+
+        def values(numbers: tuple[float, ...]) -> str:
+            return "(" + ", ".join(f"{v:g}" for v in numbers) + ")"
+
+        return (f"Grid(size {axes} = {values(tuple(reversed(self.shape)))} voxels, spacing {axes} = "
+                f"{values(self.spacing)} mm, origin {axes} = {values(self.origin)} mm, direction = "
+                f"{values(self.direction)})")
+
     @property
     def axis_spacing(self) -> tuple[float, ...]:
         """Voxel size (mm) in array-axis order, i.e. ``spacing`` reversed."""
