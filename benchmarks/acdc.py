@@ -13,7 +13,7 @@ warp the moving image by the field so far, register again, compose); diffusereg 
 (``--baseline-models``, e.g. the paper-recipe ``diffusereg/acdc-2d-paper``) at the same steps,
 DDPM over the full 2000 steps on the first ``--ddpm-cases`` cases, and DDIM started from the
 teacher's field (``--refine-strengths``). ``--bf16`` adds the teacher and DDIM rows again with the
-pipeline loaded in bfloat16 (``torch_dtype``: the networks' weights and arithmetic; fields, warps and
+pipeline loaded in bfloat16 (diffusers' ``dtype``: the networks' weights and arithmetic; fields, warps and
 composition stay float32 in the pipeline, the teacher's recursion runs in bfloat16). ``--fixed-frames ED ES`` runs every method in both
 directions (ED fixed, the paper's, and ES fixed), each row then labelled ``[ED fixed]`` or
 ``[ES fixed]``; the extras (DDPM, the curve, the forward timing) use the first frame given.
@@ -155,7 +155,7 @@ def main() -> None:
             methods[f"DDIM {steps} + EarlyStopping({args.early_stopping:g})"] = pipeline_registrar(
                 pipe, steps, seed=args.seed, callback_on_step_end=stopper)
     if args.bf16:
-        half = DiffuseRegPipeline.from_pretrained(args.model, torch_dtype=torch.bfloat16)
+        half = DiffuseRegPipeline.from_pretrained(args.model, dtype=torch.bfloat16)
         half.set_progress_bar_config(disable=True)
         if half.teacher is not None:
             for passes in args.teacher_passes:

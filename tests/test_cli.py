@@ -244,3 +244,17 @@ def test_help_imports_no_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_bfloat16_registers_like_float32(coarse_tiny_model: Path, phantom_pairs: Path, tmp_path: Path,
+                                         with_teacher) -> None:
+    """``--dtype bfloat16`` runs the networks (here the teacher that starts sampling) in bfloat16:
+    the field differs from float32's by rounding only."""
+    model, pair, fields = with_teacher(coarse_tiny_model, tmp_path / "model"), phantom_pairs / "pair1", {}
+    for dtype in ("float32", "bfloat16"):
+        output = tmp_path / dtype
+        assert main(["register", str(pair / "ed.nii.gz"), str(pair / "es.nii.gz"), "-o", str(output),
+                     "--model", str(model), "--steps", "2", "--start-from-teacher", "0.5", "--dtype", dtype]) == 0
+        fields[dtype] = sitk.GetArrayFromImage(sitk.ReadImage(str(output / "field.nii.gz")))
+    difference = np.abs(fields["bfloat16"] - fields["float32"]).max()
+    assert np.isfinite(fields["bfloat16"]).all() and 0 < difference < 0.05 * np.abs(fields["float32"]).max()

@@ -38,7 +38,8 @@ def _quiet_loading() -> Iterator[None]:
             diffusers_logging.enable_progress_bar()
 
 
-def load_pipeline(model: str, device: str | torch.device = "cpu", allow_pickle: bool = False) -> DiffuseRegPipeline:
+def load_pipeline(model: str, device: str | torch.device = "cpu", allow_pickle: bool = False,
+                  dtype: str | torch.dtype = torch.float32) -> DiffuseRegPipeline:
     """Load a pipeline from a bundled name, a folder (``save_pretrained`` output) or a Hub id.
 
     Args:
@@ -46,6 +47,8 @@ def load_pipeline(model: str, device: str | torch.device = "cpu", allow_pickle: 
         device: where the pipeline runs.
         allow_pickle: also load pickle weights (``.bin``); they can run code when loaded, so only
             for weights from a source you trust (see :meth:`DiffuseRegPipeline.from_pretrained`).
+        dtype: the networks' weights and arithmetic (diffusers' ``dtype``), e.g. ``"bfloat16"``; the
+            pipeline keeps fields, warps and outputs in float32.
 
     Raises:
         ModelNotFoundError: ``model 'NAME' not found: REASON``, one line.
@@ -61,7 +64,8 @@ def load_pipeline(model: str, device: str | torch.device = "cpu", allow_pickle: 
         raise ModelNotFoundError(f"model {model!r} not found: no such folder")
     try:
         with _quiet_loading():
-            pipe = DiffuseRegPipeline.from_pretrained(str(path) if path.is_dir() else model, allow_pickle=allow_pickle)
+            pipe = DiffuseRegPipeline.from_pretrained(str(path) if path.is_dir() else model, allow_pickle=allow_pickle,
+                                                      dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     except WeightsError:
         raise
     except (OSError, ValueError) as error:
