@@ -232,8 +232,9 @@ def test_bare_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> No
 @pytest.mark.parametrize(("percent", "shown"), [(0.0014, "0.0014"), (0.44, "0.44"), (0.0, "0"), (12.34, "12")])
 def test_summary_shows_folding_with_two_significant_digits(percent: float, shown: str) -> None:
     """'folding 0.00 %' was printed for 0.0014 % (issue 32)."""
-    summary = _summary({"steps_run": 3, "time_seconds": 1.0, "NJD_percent": percent}, Path("out"))
-    assert summary.endswith(f"folding {shown} % of voxels")
+    summary = _summary({"steps_run": 3, "time_seconds": 1.0, "NJD_percent": percent, "NCC_before": 0.5,
+                        "NCC_after": 0.75}, Path("out"))
+    assert summary.endswith(f"folding {shown} % of voxels, image similarity (NCC) 0.500 before, 0.750 after")
 
 
 def test_help_imports_no_torch() -> None:

@@ -14,6 +14,7 @@ from diffusereg.metrics import (
     dice,
     hd95,
     jacobian_std,
+    ncc,
     njd_percent,
     sdlogj,
 )
@@ -155,3 +156,14 @@ def test_auroc_is_the_share_of_correctly_ordered_pairs() -> None:
     pairs = scores[positives][:, None] - scores[~positives][None, :]
     expected = ((pairs > 0).sum() + 0.5 * (pairs == 0).sum()) / pairs.size
     assert auroc(torch.from_numpy(scores), positives) == pytest.approx(expected, abs=1e-12)
+
+
+def test_ncc_is_pearsons_r_of_the_voxels() -> None:
+    x = np.random.default_rng(0).random((6, 7))
+    assert ncc(x, 3.0 * x + 2.0) == pytest.approx(1.0)
+    assert ncc(x, -x) == pytest.approx(-1.0)
+    assert ncc(x, np.random.default_rng(1).random((6, 7))) == pytest.approx(np.corrcoef(
+        x.ravel(), np.random.default_rng(1).random((6, 7)).ravel())[0, 1])
+    assert ncc(x, np.full((6, 7), 5.0)) == 0.0
+    with pytest.raises(ValueError, match="differ in size"):
+        ncc(x, x[:3])

@@ -219,7 +219,8 @@ def _summary(metrics: dict[str, Any], output_dir: Path) -> str:
         table += "uncertainty (mm): " + ", ".join(f"{name} {value:.2f}" for name, value in metrics["uncertainty_mm"].items())
         table += "\n"
     return (table + f"{output_dir}: {metrics['steps_run']} steps in {metrics['time_seconds']:.1f} s, "
-            f"folding {_significant(metrics['NJD_percent'])} % of voxels")
+            f"folding {_significant(metrics['NJD_percent'])} % of voxels, image similarity (NCC) "
+            f"{metrics['NCC_before']:.3f} before, {metrics['NCC_after']:.3f} after")
 
 
 def _run_register(args: argparse.Namespace) -> int:

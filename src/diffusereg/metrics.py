@@ -1,4 +1,5 @@
-"""Evaluation metrics: Dice per ACDC structure, HD95, and Jacobian-based field regularity.
+"""Evaluation metrics: Dice per ACDC structure, HD95, image similarity (NCC), and Jacobian-based
+field regularity.
 
 Every function evaluates one case and returns plain Python floats (or a flat ``dict`` of
 them, one CSV row). Label maps are integer arrays or tensors of any matching shape; fields
@@ -31,6 +32,7 @@ __all__ = [
     "dice",
     "hd95",
     "jacobian_std",
+    "ncc",
     "njd_percent",
     "sdlogj",
     "structure_dice",
@@ -162,6 +164,18 @@ def hd95(
             pred_mask[None, None], ref_mask[None, None], include_background=True, percentile=95, spacing=spacing
         )
     return float(distance)
+
+
+def ncc(a: ArrayLike, b: ArrayLike) -> float:
+    """Normalised cross-correlation (Pearson's r) of the voxel values of two arrays of one shape:
+    1 for images that are a positive linear function of each other, near 0 for unrelated ones,
+    0 when either is constant. Computed in float64."""
+    x, y = (torch.as_tensor(np.asarray(v), dtype=torch.float64).flatten() for v in (a, b))
+    if x.shape != y.shape:
+        raise ValueError(f"arrays differ in size: {tuple(np.shape(a))} vs {tuple(np.shape(b))}")
+    x, y = x - x.mean(), y - y.mean()
+    scale = math.sqrt(float(x.square().sum()) * float(y.square().sum()))
+    return float(x.dot(y)) / scale if scale > 0.0 else 0.0
 
 
 def _single_case_field(field: ArrayLike) -> torch.Tensor:

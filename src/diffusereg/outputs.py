@@ -30,7 +30,7 @@ import torch
 
 from diffusereg.data import resample_to_grid
 from diffusereg.io import Grid, Image, write_atomically, write_displacement_field, write_image
-from diffusereg.metrics import jacobian_std, njd_percent, structure_dice, structure_labels
+from diffusereg.metrics import jacobian_std, ncc, njd_percent, structure_dice, structure_labels
 from diffusereg.spatial import jacobian_determinant
 from diffusereg.visualize import TrajectorySlice, save_trajectory_gif, save_trajectory_strip
 
@@ -69,10 +69,12 @@ def length_mm(field: np.ndarray, grid: Grid) -> np.ndarray:
     return np.sqrt(((field * spacing) ** 2).sum(axis=0)).astype(np.float32)
 
 
-def registration_metrics(field: np.ndarray, warped_labels: np.ndarray | None, fixed: Image,
-                         fixed_labels: Image | None, moving_labels: Image | None,
+def registration_metrics(field: np.ndarray, warped: np.ndarray, warped_labels: np.ndarray | None, fixed: Image,
+                         moving: Image, fixed_labels: Image | None, moving_labels: Image | None,
                          uncertainty: np.ndarray | None = None) -> dict[str, Any]:
-    """What ``metrics.json`` reports of a registration on the fixed grid: Dice before and after
+    """What ``metrics.json`` reports of a registration on the fixed grid: the image similarity
+    ``NCC_before`` and ``NCC_after`` (:func:`~diffusereg.metrics.ncc` of the fixed image with the
+    moving image resampled onto its grid as it is, then with ``warped``), Dice before and after
     per structure (with both label maps; the moving labels resampled onto the fixed grid as they
     are, then ``warped_labels``), NJD % and JSD (forward differences, as the paper's evaluation),
     the largest displacement (mm) and, with several samples, ``uncertainty_mm``: the mean
@@ -81,11 +83,13 @@ def registration_metrics(field: np.ndarray, warped_labels: np.ndarray | None, fi
 
     Args:
         field: ``(ndim, *S)`` voxels of ``fixed``'s grid.
+        warped: ``(*S)`` the moving image warped onto it.
         warped_labels: the moving labels warped onto it, or None.
-        fixed, fixed_labels, moving_labels: the inputs (label maps may be None).
+        fixed, moving, fixed_labels, moving_labels: the inputs (label maps may be None).
         uncertainty: ``(ndim, *S)`` per-axis std of the field over samples, voxels, or None.
     """
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, Any] = {"NCC_before": ncc(fixed.array, resample_to_grid(moving, fixed.grid, "linear")),
+                               "NCC_after": ncc(fixed.array, warped)}
     reference = None if fixed_labels is None else resample_to_grid(fixed_labels, fixed.grid, "nearest")
     if reference is not None and moving_labels is not None:
         metrics["dice_before"] = structure_dice(resample_to_grid(moving_labels, fixed.grid, "nearest"), reference)

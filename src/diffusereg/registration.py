@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,13 +37,19 @@ if TYPE_CHECKING:
 
     from diffusereg.pipelines import DiffuseRegPipeline
 
-__all__ = ["APPLIED_NAMES", "CheckedInputs", "RegistrationRequest", "RegistrationSettings", "apply_field",
+__all__ = ["APPLIED_NAMES", "CheckedInputs", "NotMoreAlikeWarning", "RegistrationRequest", "RegistrationSettings",
+           "apply_field",
            "check_pair_list", "check_request", "read_inputs", "register_checked", "register_pair", "register_pair_list"]
 
 APPLIED_NAMES: dict[bool, str] = {False: OUTPUT_NAMES["warped"], True: OUTPUT_NAMES["warped_labels"]}
 """File name :func:`apply_field` writes into an output folder, for an image (False) and a label map (True)."""
 
 Source = Image | str | os.PathLike
+
+
+class NotMoreAlikeWarning(UserWarning):
+    """A registration did not make the images more alike (``NCC_after <= NCC_before`` in
+    ``metrics.json``): its result should not be trusted without a look."""
 
 
 @dataclass(frozen=True)
@@ -196,10 +203,15 @@ def register_checked(pipe: DiffuseRegPipeline, inputs: CheckedInputs,
         "start_from_teacher": settings.start_from_teacher,
         "guidance": [*(str(spec) for spec in settings.guidance), *(str(guide) for guide in guides)],
         "device": str(pipe.device), "time_seconds": round(elapsed, 3),
-        **registration_metrics(out.field, out.warped_labels, images.fixed, inputs.fixed_labels, images.moving_labels,
+        **registration_metrics(out.field, out.warped, out.warped_labels, images.fixed, images.moving,
+                               inputs.fixed_labels, images.moving_labels,
                                None if out.uncertainty is None else np.asarray(out.uncertainty)),
         "diffusereg_version": __version__,
     }
+    if metrics["NCC_after"] <= metrics["NCC_before"]:
+        warnings.warn(f"{inputs.request.output_dir}: the registration did not make the images more alike (NCC "
+                      f"{metrics['NCC_before']:.3g} before, {metrics['NCC_after']:.3g} after); look at the result "
+                      "before using it", NotMoreAlikeWarning, stacklevel=2)
     transform = displacement_transform(out.field, images.fixed.grid)  # the one the pipeline warped with
     return write_registration(inputs.request.output_dir, images.fixed.grid, transform, out.field, out.warped, metrics,
                               warped_labels=out.warped_labels, uncertainty=out.uncertainty,
