@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import SimpleITK as sitk
 
 from diffusereg.cli import _summary, main
@@ -245,3 +246,18 @@ def test_help_imports_no_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_training_help_names_the_guides_and_the_shipped_configs(capsys: pytest.CaptureFixture[str]) -> None:
+    """``train --help`` pointed to docs/ and configs/, which a pip install lacks (issue 32)."""
+    for argv in (["train", "--help"], ["train", "teacher", "--help"], ["train", "diffusion", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        shown = " ".join(capsys.readouterr().out.split())
+        assert "train_own_data.md" in shown and "diffusereg train --print-config NAME" in shown, argv
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--print-config", "teacher_2d_cpu"])
+    assert stopped.value.code == 0
+    printed = capsys.readouterr().out
+    assert printed == (Path(__file__).parents[1] / "src/diffusereg/configs/teacher_2d_cpu.yaml").read_text()
+    assert yaml.safe_load(printed)["train"]["output_dir"]
