@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import SimpleITK as sitk
 
 from diffusereg.cli import _summary, main
@@ -232,8 +233,9 @@ def test_bare_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> No
 @pytest.mark.parametrize(("percent", "shown"), [(0.0014, "0.0014"), (0.44, "0.44"), (0.0, "0"), (12.34, "12")])
 def test_summary_shows_folding_with_two_significant_digits(percent: float, shown: str) -> None:
     """'folding 0.00 %' was printed for 0.0014 % (issue 32)."""
-    summary = _summary({"steps_run": 3, "time_seconds": 1.0, "NJD_percent": percent}, Path("out"))
-    assert summary.endswith(f"folding {shown} % of voxels")
+    summary = _summary({"steps_run": 3, "time_seconds": 1.0, "NJD_percent": percent, "NCC_before": 0.5,
+                        "NCC_after": 0.75}, Path("out"))
+    assert summary.endswith(f"folding {shown} % of voxels, image similarity (NCC) 0.500 before, 0.750 after")
 
 
 def test_help_imports_no_torch() -> None:
@@ -258,3 +260,18 @@ def test_bfloat16_registers_like_float32(coarse_tiny_model: Path, phantom_pairs:
         fields[dtype] = sitk.GetArrayFromImage(sitk.ReadImage(str(output / "field.nii.gz")))
     difference = np.abs(fields["bfloat16"] - fields["float32"]).max()
     assert np.isfinite(fields["bfloat16"]).all() and 0 < difference < 0.05 * np.abs(fields["float32"]).max()
+
+
+def test_training_help_names_the_guides_and_the_shipped_configs(capsys: pytest.CaptureFixture[str]) -> None:
+    """``train --help`` pointed to docs/ and configs/, which a pip install lacks (issue 32)."""
+    for argv in (["train", "--help"], ["train", "teacher", "--help"], ["train", "diffusion", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        shown = " ".join(capsys.readouterr().out.split())
+        assert "train_own_data.md" in shown and "diffusereg train --print-config NAME" in shown, argv
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--print-config", "teacher_2d_cpu"])
+    assert stopped.value.code == 0
+    printed = capsys.readouterr().out
+    assert printed == (Path(__file__).parents[1] / "src/diffusereg/configs/teacher_2d_cpu.yaml").read_text()
+    assert yaml.safe_load(printed)["train"]["output_dir"]

@@ -18,6 +18,7 @@ from diffusereg.metrics import (
     jacobian_std,
     label_volume_ml,
     myocardial_mass_g,
+    ncc,
     njd_percent,
     sdlogj,
 )
@@ -194,3 +195,12 @@ def test_inverse_consistency_of_a_scaling_and_its_inverse() -> None:
     inside = np.zeros((30, 8), dtype=bool)
     inside[:25] = True
     assert inverse_consistency_mm(u, v, (2.0, 1.0), inside) == pytest.approx(0.0, abs=1e-4)
+def test_ncc_is_pearsons_r_of_the_voxels() -> None:
+    x = np.random.default_rng(0).random((6, 7))
+    assert ncc(x, 3.0 * x + 2.0) == pytest.approx(1.0)
+    assert ncc(x, -x) == pytest.approx(-1.0)
+    assert ncc(x, np.random.default_rng(1).random((6, 7))) == pytest.approx(np.corrcoef(
+        x.ravel(), np.random.default_rng(1).random((6, 7)).ravel())[0, 1])
+    assert ncc(x, np.full((6, 7), 5.0)) == 0.0
+    with pytest.raises(ValueError, match="differ in size"):
+        ncc(x, x[:3])

@@ -47,7 +47,7 @@ from diffusereg.training import (
 )
 from diffusereg.training.objective import refinement_loss
 from diffusereg.cli import build_parser
-from diffusereg.training.cli import apply_overrides
+from diffusereg.training.cli import apply_overrides, report
 from diffusereg.training.config import AugmentConfig, config_to_dict
 from diffusereg.training.trainer import cosine_schedule, stretch_cosine
 from diffusereg.training.data import augment_batch, build_augmentation, build_dataset, pair_ids
@@ -275,6 +275,9 @@ def test_diffusion_saves_a_loadable_pipeline(diffusion_runs: ResumeRuns, teacher
     images = torch.rand(2, 1, 1, 32, 32)
     out = pipe(images[0], images[1], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert out.field.shape == (1, 2, 32, 32)
+    card = (diffusion_runs.straight / "pipeline" / "README.md").read_text()  # issue 32: "not recorded" before
+    assert "not recorded" not in card and "Training data: ACDC " in card and "6 optimizer steps" in card
+    assert f"val_Dice_Overall {float(rows[-1]['val_Dice_Overall']):.4g}" in card
 
 
 @pytest.mark.slow
@@ -550,3 +553,31 @@ def test_the_refine_recipe_noises_the_target_into_the_state_the_network_reads() 
 
     first, second = (0.02 * torch.randn(2, 2, 32, 32, generator=torch.Generator().manual_seed(s)) for s in (2, 3))
     assert not torch.allclose(estimate(first), estimate(second), atol=1e-5)
+
+
+def test_the_end_of_training_says_where_the_result_went_and_how_to_use_it(tmp_path: Path) -> None:
+    """A run ended silently (issue 32)."""
+    config = DiffusionConfig()
+    config.train.output_dir = str(tmp_path / "run")
+    shown = report("diffusion", config, {"step": 40, "loss": 0.1, "val_Dice_Overall": 0.8123, "val_NJD_percent": 0.0})
+    lines = shown.splitlines()
+    assert lines[0] == f"diffusereg train diffusion: pipeline written to {tmp_path / 'run' / 'pipeline'} (its README.md " \
+                       "records the data and these numbers)"
+    assert lines[1] == "final validation (step 40): Dice_Overall 0.8123, NJD_percent 0"
+    assert lines[2] == f"use it: diffusereg register FIXED MOVING --model {tmp_path / 'run' / 'pipeline'} -o OUTDIR"
+    teacher_config = TeacherConfig()
+    teacher_config.train.output_dir = str(tmp_path / "teacher")
+    teacher = report("teacher", teacher_config, {"step": 5, "loss": 0.3})
+    assert "final validation (step 5): none (no validation set)" in teacher and "--teacher" in teacher
+
+
+def test_the_model_card_records_the_training_data_and_final_metrics(tmp_path: Path) -> None:
+    from tiny import tiny_pipeline
+
+    tiny_pipeline(2).save_pretrained(tmp_path / "pipeline", training={
+        "data": "pairs.csv, 12 training items", "steps": 30, "val_Dice_Overall": 0.75, "val_NJD_percent": 0.01})
+    card = (tmp_path / "pipeline" / "README.md").read_text()
+    assert "Training data: pairs.csv, 12 training items; 30 optimizer steps." in card
+    assert "Final validation metrics: val_Dice_Overall 0.75, val_NJD_percent 0.01." in card
+    tiny_pipeline(2).save_pretrained(tmp_path / "unrecorded")
+    assert "not recorded" in (tmp_path / "unrecorded" / "README.md").read_text()

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = "diffusereg/acdc-2d"  # the shipped model (a Hugging Face Hub id)
 DEMO_PATIENT = 100
+TRAINING_DOCS = ("docs/training.md (the two stages, every config key) and docs/train_own_data.md (training on your "
+                 "own image pairs from a CSV/JSON list) of the diffusereg documentation")
 
 
 def _sampling_options() -> argparse.ArgumentParser:
@@ -157,15 +159,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _shipped_configs() -> dict[str, Any]:
+    """The training configs shipped inside the package: name (file stem) -> resource."""
+    from importlib import resources
+
+    folder = resources.files("diffusereg").joinpath("configs")
+    return {item.name.removesuffix(".yaml"): item for item in folder.iterdir() if item.name.endswith(".yaml")}
+
+
+class _PrintConfig(argparse.Action):
+    """``--print-config NAME``: print a shipped config (YAML) and exit, like ``--version``."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(_shipped_configs()[values].read_text(), end="")
+        parser.exit(0)
+
+
 def _add_train_command(commands: argparse._SubParsersAction) -> None:
     """``train teacher`` and ``train diffusion`` (handlers in :mod:`diffusereg.training.cli`)."""
+    names = sorted(_shipped_configs())
+    start = (f"Start from a config shipped with the package: `diffusereg train --print-config NAME > my.yaml` "
+             f"(NAME: {', '.join(names)}), then edit data paths and steps. Guides: {TRAINING_DOCS}.")
     train = commands.add_parser("train", help="train the teacher (stage 1) or the diffusion model (stage 2)",
-                                description="Train DiffuseReg's two stages on Accelerate (see docs/training.md).")
+                                description=f"Train DiffuseReg's two stages on Accelerate: `train teacher`, then "
+                                            f"`train diffusion`, which writes a pipeline for `diffusereg register "
+                                            f"--model`. {start}")
+    train.add_argument("--print-config", action=_PrintConfig, choices=names, metavar="NAME",
+                       help=f"print the shipped config NAME (YAML) and exit; NAME: {', '.join(names)}")
     stages = train.add_subparsers(dest="stage", metavar="STAGE", required=True)
-    teacher = stages.add_parser("teacher", help="stage 1: one-shot registration network, phi0 cache, field statistics")
-    diffusion = stages.add_parser("diffusion", help="stage 2: the denoiser, saved as a DiffuseRegPipeline")
+    teacher = stages.add_parser("teacher", help="stage 1: one-shot registration network, phi0 cache, field statistics",
+                                description=f"Stage 1: train the one-shot teacher network; writes OUTPUT/teacher, "
+                                            f"the phi0 cache and field_stats.json for stage 2. {start}")
+    diffusion = stages.add_parser("diffusion", help="stage 2: the denoiser, saved as a DiffuseRegPipeline",
+                                  description=f"Stage 2: train the denoiser on the teacher's fields; writes "
+                                              f"OUTPUT/pipeline, the model for `diffusereg register --model`. {start}")
     for parser in (teacher, diffusion):
-        parser.add_argument("--config", required=True, type=Path, help="YAML config file (see configs/)")
+        parser.add_argument("--config", required=True, type=Path,
+                            help="YAML config file (`diffusereg train --print-config NAME` prints a shipped one)")
         parser.add_argument("--resume", action="store_true",
                             help="continue from the newest checkpoint in the output directory")
         parser.add_argument("--output", type=Path, help="output directory (overrides train.output_dir)")
@@ -222,7 +253,8 @@ def _summary(metrics: dict[str, Any], output_dir: Path) -> str:
         table += "uncertainty (mm): " + ", ".join(f"{name} {value:.2f}" for name, value in metrics["uncertainty_mm"].items())
         table += "\n"
     return (table + f"{output_dir}: {metrics['steps_run']} steps in {metrics['time_seconds']:.1f} s, "
-            f"folding {_significant(metrics['NJD_percent'])} % of voxels")
+            f"folding {_significant(metrics['NJD_percent'])} % of voxels, image similarity (NCC) "
+            f"{metrics['NCC_before']:.3f} before, {metrics['NCC_after']:.3f} after")
 
 
 def _run_register(args: argparse.Namespace) -> int:

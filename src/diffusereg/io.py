@@ -437,7 +437,8 @@ def write_atomically(path: Path, write: Callable[[Path], None], overwrite: bool 
 
     Raises:
         OSError: naming ``path``, when the writer fails (SimpleITK reports a full disk or a refused
-            write as a multi-line ``RuntimeError``; it becomes one line here).
+            write as a multi-line ``RuntimeError``, Python as an ``OSError`` naming the temporary
+            file; either becomes one line naming ``path``).
     """
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path}: the folder {path.parent} does not exist")
@@ -447,6 +448,8 @@ def write_atomically(path: Path, write: Callable[[Path], None], overwrite: bool 
     try:
         try:
             write(tmp_dir / path.name)
+        except OSError as error:
+            raise OSError(f"{path}: cannot be written ({error.strerror or error})") from error
         except RuntimeError as error:
             lines = str(error).strip().splitlines()
             reason = lines[-1].strip() if lines else type(error).__name__

@@ -1,5 +1,6 @@
-"""Evaluation metrics: Dice per ACDC structure, HD95, Jacobian-based field regularity, cardiac
-volumes (ml), ejection fraction and myocardial mass, and the inverse consistency of two fields.
+"""Evaluation metrics: Dice per ACDC structure, HD95, image similarity (NCC), Jacobian-based field
+regularity, cardiac volumes (ml), ejection fraction and myocardial mass, and the inverse
+consistency of two fields.
 
 Every function evaluates one case and returns plain Python floats (or a flat ``dict`` of
 them, one CSV row). Label maps are integer arrays or tensors of any matching shape; fields
@@ -37,6 +38,7 @@ __all__ = [
     "jacobian_std",
     "label_volume_ml",
     "myocardial_mass_g",
+    "ncc",
     "njd_percent",
     "sdlogj",
     "structure_dice",
@@ -171,6 +173,18 @@ def hd95(
             pred_mask[None, None], ref_mask[None, None], include_background=True, percentile=95, spacing=spacing
         )
     return float(distance)
+
+
+def ncc(a: ArrayLike, b: ArrayLike) -> float:
+    """Normalised cross-correlation (Pearson's r) of the voxel values of two arrays of one shape:
+    1 for images that are a positive linear function of each other, near 0 for unrelated ones,
+    0 when either is constant. Computed in float64."""
+    x, y = (torch.as_tensor(np.asarray(v), dtype=torch.float64).flatten() for v in (a, b))
+    if x.shape != y.shape:
+        raise ValueError(f"arrays differ in size: {tuple(np.shape(a))} vs {tuple(np.shape(b))}")
+    x, y = x - x.mean(), y - y.mean()
+    scale = math.sqrt(float(x.square().sum()) * float(y.square().sum()))
+    return float(x.dot(y)) / scale if scale > 0.0 else 0.0
 
 
 def _single_case_field(field: ArrayLike) -> torch.Tensor:

@@ -13,14 +13,22 @@ Every file overlays the fixed image exactly (its shape, spacing, origin and dire
 - ``trajectory.png``, ``trajectory.gif``: the sampling steps, when asked;
 - ``metrics.json``: written last; a folder holding it holds a finished registration.
 
+While a registration runs, it holds ``.diffusereg.lock`` in the folder (:func:`output_lock`): a
+second registration into the same folder refuses to start, so a folder never mixes the files of
+two registrations. The lock is an advisory ``flock``: the system releases it when its process
+ends, even killed, and the file is removed when the registration ends.
+
 The outputs of an earlier registration in the folder are removed (``metrics.json`` first) before
 the new ones are written, and a write that fails or is interrupted removes what it wrote.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +38,19 @@ import torch
 
 from diffusereg.data import resample_to_grid
 from diffusereg.io import Grid, Image, write_atomically, write_displacement_field, write_image
-from diffusereg.metrics import jacobian_std, njd_percent, structure_dice, structure_labels
+from diffusereg.metrics import jacobian_std, ncc, njd_percent, structure_dice, structure_labels
 from diffusereg.spatial import jacobian_determinant
 from diffusereg.visualize import TrajectorySlice, save_trajectory_gif, save_trajectory_strip
 
-__all__ = ["OUTPUT_NAMES", "is_complete", "length_mm", "registration_metrics", "write_registration"]
+__all__ = ["LOCK_NAME", "OUTPUT_NAMES", "OutputFolderBusyError", "is_complete", "length_mm", "output_lock",
+           "registration_metrics", "write_registration"]
+
+LOCK_NAME = ".diffusereg.lock"
+"""The file a running registration holds locked in its output folder."""
+
+
+class OutputFolderBusyError(ValueError):
+    """Another registration is writing into the output folder."""
 
 OUTPUT_NAMES: dict[str, str] = {
     "warped": "warped.nii.gz",
@@ -55,6 +71,42 @@ def is_complete(output_dir: str | os.PathLike) -> bool:
     return (Path(output_dir) / OUTPUT_NAMES["metrics"]).is_file()
 
 
+@contextlib.contextmanager
+def output_lock(output_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold the folder's lock (``LOCK_NAME``, created with the folder if needed) for the block.
+
+    Raises:
+        OutputFolderBusyError: another process (or another registration in this one) holds it.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / LOCK_NAME
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            owner = path.read_text().strip() if path.is_file() else "?"
+            raise OutputFolderBusyError(
+                f"{output_dir}: another registration (process {owner or '?'}) is writing into this folder; wait for "
+                "it to end or choose another output folder") from None
+        try:
+            same = os.fstat(descriptor).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:  # its holder removed it between our open and our lock
+            same = False
+        if same:
+            break
+        os.close(descriptor)
+    try:
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, str(os.getpid()).encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still locked: a waiting process sees a new file
+        os.close(descriptor)
+
+
 def _remove_outputs(output_dir: Path) -> None:
     """Delete every output of a registration from ``output_dir``, ``metrics.json`` first (from
     then on the folder is unfinished)."""
@@ -69,10 +121,12 @@ def length_mm(field: np.ndarray, grid: Grid) -> np.ndarray:
     return np.sqrt(((field * spacing) ** 2).sum(axis=0)).astype(np.float32)
 
 
-def registration_metrics(field: np.ndarray, warped_labels: np.ndarray | None, fixed: Image,
-                         fixed_labels: Image | None, moving_labels: Image | None,
+def registration_metrics(field: np.ndarray, warped: np.ndarray, warped_labels: np.ndarray | None, fixed: Image,
+                         moving: Image, fixed_labels: Image | None, moving_labels: Image | None,
                          uncertainty: np.ndarray | None = None) -> dict[str, Any]:
-    """What ``metrics.json`` reports of a registration on the fixed grid: Dice before and after
+    """What ``metrics.json`` reports of a registration on the fixed grid: the image similarity
+    ``NCC_before`` and ``NCC_after`` (:func:`~diffusereg.metrics.ncc` of the fixed image with the
+    moving image resampled onto its grid as it is, then with ``warped``), Dice before and after
     per structure (with both label maps; the moving labels resampled onto the fixed grid as they
     are, then ``warped_labels``), NJD % and JSD (forward differences, as the paper's evaluation),
     the largest displacement (mm) and, with several samples, ``uncertainty_mm``: the mean
@@ -81,11 +135,13 @@ def registration_metrics(field: np.ndarray, warped_labels: np.ndarray | None, fi
 
     Args:
         field: ``(ndim, *S)`` voxels of ``fixed``'s grid.
+        warped: ``(*S)`` the moving image warped onto it.
         warped_labels: the moving labels warped onto it, or None.
-        fixed, fixed_labels, moving_labels: the inputs (label maps may be None).
+        fixed, moving, fixed_labels, moving_labels: the inputs (label maps may be None).
         uncertainty: ``(ndim, *S)`` per-axis std of the field over samples, voxels, or None.
     """
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, Any] = {"NCC_before": ncc(fixed.array, resample_to_grid(moving, fixed.grid, "linear")),
+                               "NCC_after": ncc(fixed.array, warped)}
     reference = None if fixed_labels is None else resample_to_grid(fixed_labels, fixed.grid, "nearest")
     if reference is not None and moving_labels is not None:
         metrics["dice_before"] = structure_dice(resample_to_grid(moving_labels, fixed.grid, "nearest"), reference)

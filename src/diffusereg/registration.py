@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from diffusereg.data import read_pair_list, resample_to_grid
 from diffusereg.guidance import Guide, GuidanceSpec, build_guides
 from diffusereg.io import (IMAGE_SUFFIXES, Image, displacement_transform, read_displacement_transform, transform_grid,
                            write_image)
-from diffusereg.outputs import OUTPUT_NAMES, is_complete, registration_metrics, write_registration
+from diffusereg.outputs import OUTPUT_NAMES, is_complete, output_lock, registration_metrics, write_registration
 from diffusereg.pipelines.layout import ModelGridBatch, as_image
 from diffusereg.schedulers import scheduler_of_kind
 from diffusereg.validation import (RegistrationError, check_field_target, check_output_folder, check_pair, check_sources,
@@ -36,13 +37,19 @@ if TYPE_CHECKING:
 
     from diffusereg.pipelines import DiffuseRegPipeline
 
-__all__ = ["APPLIED_NAMES", "CheckedInputs", "RegistrationRequest", "RegistrationSettings", "apply_field",
+__all__ = ["APPLIED_NAMES", "CheckedInputs", "NotMoreAlikeWarning", "RegistrationRequest", "RegistrationSettings",
+           "apply_field",
            "check_pair_list", "check_request", "read_inputs", "register_checked", "register_pair", "register_pair_list"]
 
 APPLIED_NAMES: dict[bool, str] = {False: OUTPUT_NAMES["warped"], True: OUTPUT_NAMES["warped_labels"]}
 """File name :func:`apply_field` writes into an output folder, for an image (False) and a label map (True)."""
 
 Source = Image | str | os.PathLike
+
+
+class NotMoreAlikeWarning(UserWarning):
+    """A registration did not make the images more alike (``NCC_after <= NCC_before`` in
+    ``metrics.json``): its result should not be trusted without a look."""
 
 
 @dataclass(frozen=True)
@@ -176,36 +183,47 @@ def register_checked(pipe: DiffuseRegPipeline, inputs: CheckedInputs,
 
     Once sampling is done, the outputs of an earlier registration in ``output_dir`` are removed,
     ``metrics.json`` first, and the new ones written, ``metrics.json`` last; a failed or
-    interrupted write removes what it wrote, so a failed call leaves no output behind.
+    interrupted write removes what it wrote, so a failed call leaves no output behind. The
+    folder's lock (:func:`~diffusereg.outputs.output_lock`) is held from sampling to the last
+    file, so two registrations into one folder never mix their files.
+
+    Raises:
+        diffusereg.outputs.OutputFolderBusyError: another registration is writing into the folder.
     """
-    all_guides = [*build_guides(settings.guidance, inputs.model_labels), *guides]
-    recorder = TrajectoryRecorder() if settings.save_trajectory else None
-    callbacks = [*callbacks, *([] if recorder is None else [recorder])]
-    pipe.scheduler = scheduler_of_kind(pipe.scheduler, settings.scheduler)
-    start = {} if settings.start_from_teacher is None else {"init_field": "teacher",
-                                                             "strength": settings.start_from_teacher}
-    started = time.perf_counter()
-    out = pipe(inputs.batch, num_inference_steps=settings.steps, guidance=all_guides, num_samples=settings.samples,
-               generator=torch.Generator().manual_seed(settings.seed), callback_on_step_end=callbacks or None,
-               output_type="np", **start)
-    elapsed = time.perf_counter() - started
-    images = inputs.batch.images
-    metrics = {
-        **inputs.described, "model": model_name, "scheduler": settings.scheduler, "steps": settings.steps,
-        "steps_run": out.num_steps_run, "samples": settings.samples, "seed": settings.seed,
-        "start_from_teacher": settings.start_from_teacher,
-        "guidance": [*(str(spec) for spec in settings.guidance), *(str(guide) for guide in guides)],
-        "device": str(pipe.device), "time_seconds": round(elapsed, 3),
-        **registration_metrics(out.field, out.warped_labels, images.fixed, inputs.fixed_labels, images.moving_labels,
-                               None if out.uncertainty is None else np.asarray(out.uncertainty)),
-        "diffusereg_version": __version__,
-    }
-    transform = displacement_transform(out.field, images.fixed.grid)  # the one the pipeline warped with
-    return write_registration(inputs.request.output_dir, images.fixed.grid, transform, out.field, out.warped, metrics,
-                              warped_labels=out.warped_labels, uncertainty=out.uncertainty,
-                              trajectory=None if recorder is None else trajectory_picture(
-                                  recorder, inputs.batch, None if inputs.model_labels is None else inputs.model_labels[0],
-                                  settings.steps))
+    with output_lock(inputs.request.output_dir):
+        all_guides = [*build_guides(settings.guidance, inputs.model_labels), *guides]
+        recorder = TrajectoryRecorder() if settings.save_trajectory else None
+        callbacks = [*callbacks, *([] if recorder is None else [recorder])]
+        pipe.scheduler = scheduler_of_kind(pipe.scheduler, settings.scheduler)
+        start = {} if settings.start_from_teacher is None else {"init_field": "teacher",
+                                                                 "strength": settings.start_from_teacher}
+        started = time.perf_counter()
+        out = pipe(inputs.batch, num_inference_steps=settings.steps, guidance=all_guides, num_samples=settings.samples,
+                   generator=torch.Generator().manual_seed(settings.seed), callback_on_step_end=callbacks or None,
+                   output_type="np", **start)
+        elapsed = time.perf_counter() - started
+        images = inputs.batch.images
+        metrics = {
+            **inputs.described, "model": model_name, "scheduler": settings.scheduler, "steps": settings.steps,
+            "steps_run": out.num_steps_run, "samples": settings.samples, "seed": settings.seed,
+            "start_from_teacher": settings.start_from_teacher,
+            "guidance": [*(str(spec) for spec in settings.guidance), *(str(guide) for guide in guides)],
+            "device": str(pipe.device), "time_seconds": round(elapsed, 3),
+            **registration_metrics(out.field, out.warped, out.warped_labels, images.fixed, images.moving,
+                                   inputs.fixed_labels, images.moving_labels,
+                                   None if out.uncertainty is None else np.asarray(out.uncertainty)),
+            "diffusereg_version": __version__,
+        }
+        if metrics["NCC_after"] <= metrics["NCC_before"]:
+            warnings.warn(f"{inputs.request.output_dir}: the registration did not make the images more alike (NCC "
+                          f"{metrics['NCC_before']:.3g} before, {metrics['NCC_after']:.3g} after); look at the result "
+                          "before using it", NotMoreAlikeWarning, stacklevel=2)
+        transform = displacement_transform(out.field, images.fixed.grid)  # the one the pipeline warped with
+        return write_registration(inputs.request.output_dir, images.fixed.grid, transform, out.field, out.warped, metrics,
+                                  warped_labels=out.warped_labels, uncertainty=out.uncertainty,
+                                  trajectory=None if recorder is None else trajectory_picture(
+                                      recorder, inputs.batch, None if inputs.model_labels is None else inputs.model_labels[0],
+                                      settings.steps))
 
 
 @dataclass

@@ -11,7 +11,9 @@ the problem. The checks, in the order a registration runs them:
 3. :func:`check_pair`, once the images are read: one dimensionality that the model registers,
    no constant image, fixed and moving overlap in space, the fixed image spans enough of the
    model grid; label maps on their image's grid with non-negative integer values, and, when
-   Dice is asked (both label maps), labelled structures in common.
+   Dice is asked (both label maps), labelled structures in common. It warns
+   (:class:`ImplausibleInputWarning`) about fields of view of very different sizes and about an
+   image that looks like noise rather than like the images a model is trained on.
 
 (Weights are checked where pipelines are loaded: :func:`diffusereg.hub.check_weights`.)
 
@@ -36,11 +38,13 @@ import torch
 
 from diffusereg.data.preprocessing import PaperPreprocessing
 from diffusereg.io import Grid, Image, InvalidImageError, read_grid
+from diffusereg.metrics import ncc
 
 __all__ = [
     "BYTES_PER_FIXED_VOXEL",
     "ImplausibleInputWarning",
     "MAX_EXTENT_RATIO",
+    "MIN_NEIGHBOUR_CORRELATION",
     "MIN_MODEL_VOXELS",
     "MIN_OVERLAP_FRACTION",
     "RegistrationError",
@@ -48,6 +52,7 @@ __all__ = [
     "check_model_grid_arrays",
     "check_output_folder",
     "check_pair",
+    "neighbour_correlation",
     "check_sources",
     "physical_memory",
     "source_name",
@@ -78,6 +83,13 @@ MAX_EXTENT_RATIO = 2.0
 """Largest ratio, along any axis, between the physical extents (mm) of the moving and the fixed
 image before a warning: the shipped model was trained on pairs of one field of view (ratio 1),
 and twice the size along an axis rarely shows the same anatomy the same way."""
+
+MIN_NEIGHBOUR_CORRELATION = 0.5
+"""Least correlation (:func:`~diffusereg.metrics.ncc`) between in-plane neighbouring voxels of an
+input image before a warning. In images of anatomy, neighbouring voxels are alike (ACDC's frames
+and the cardiac phantom lie far above; ``docs/data.md`` gives the figures); in noise they are
+unrelated (about 0): a model trained on images has nothing to match there."""
+
 
 class RegistrationError(ValueError):
     """A registration cannot run as asked (bad option, missing labels, an input would be
@@ -278,6 +290,15 @@ def _check_overlap(fixed: Grid, moving: Grid, fixed_name: str, moving_name: str)
             "registration covers the fixed image's field of view only: check that both images show the same anatomy")
 
 
+def neighbour_correlation(image: Image) -> float:
+    """Mean over the in-plane axes (the last two array axes) of the :func:`~diffusereg.metrics.ncc`
+    of each voxel with its next neighbour along that axis; 1 for a smooth image, about 0 for noise."""
+    x = image.array
+    pairs = [(x[..., :-1, :], x[..., 1:, :]), (x[..., :, :-1], x[..., :, 1:])]
+    values = [ncc(a, b) for a, b in pairs if a.size]
+    return float(np.mean(values)) if values else 1.0
+
+
 def check_pair(
     fixed: Image,
     moving: Image,
@@ -313,14 +334,21 @@ def check_pair(
         low, high = float(image.array.min()), float(image.array.max())
         if low == high:
             raise InvalidImageError(f"{names[role]}: every voxel is {low:g} (a constant image); nothing to register")
-    doubt = _check_overlap(fixed.grid, moving.grid, names["fixed"], names["moving"])
+    doubts = [_check_overlap(fixed.grid, moving.grid, names["fixed"], names["moving"])]
     span = preprocessing.model_grid(fixed.grid).resampled.shape[-spatial_dims:]
     if min(span) < MIN_MODEL_VOXELS:
         raise InvalidImageError(f"{names['fixed']}: too small for the model: it spans {_shape_text(span)} voxels of "
                                 f"the model grid, fewer than {MIN_MODEL_VOXELS} along an axis")
     _check_label_maps(fixed, moving, fixed_labels, moving_labels, names)
-    if doubt is not None:
-        warnings.warn(doubt, ImplausibleInputWarning, stacklevel=2)
+    for role, image in (("fixed", fixed), ("moving", moving)):
+        correlation = neighbour_correlation(image)
+        if correlation < MIN_NEIGHBOUR_CORRELATION:
+            doubts.append(f"{names[role]}: neighbouring voxels correlate {correlation:.2f} (less than "
+                          f"{MIN_NEIGHBOUR_CORRELATION}): it looks like noise, not like the images the model was trained "
+                          "on; check that this is the image you meant")
+    for doubt in doubts:
+        if doubt is not None:
+            warnings.warn(doubt, ImplausibleInputWarning, stacklevel=2)
 
 
 def check_model_grid_arrays(arrays: Mapping[str, torch.Tensor]) -> None:

@@ -150,16 +150,25 @@ class DiffuseRegPipeline(DiffusionPipeline):
             check_weights(source, allow_pickle)
         return super().from_pretrained(source, **kwargs)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, model_card: str | None = None, **kwargs: Any) -> None:
-        """Save components (safetensors) and a model card ``README.md`` (a minimal one describing
-        the configuration when ``model_card`` is None)."""
+    def save_pretrained(self, save_directory: str | os.PathLike, model_card: str | None = None,
+                        training: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        """Save components (safetensors) and a model card ``README.md`` (when ``model_card`` is None,
+        a minimal one describing the configuration and ``training``: how the model was trained,
+        ``data`` (text), ``steps`` and the final validation metrics ``val_*``)."""
         kwargs["safe_serialization"] = True
         super().save_pretrained(save_directory, **kwargs)
-        card = model_card if model_card is not None else self._configuration_card()
+        card = model_card if model_card is not None else self._configuration_card(training)
         write_atomically(Path(save_directory) / "README.md", lambda temporary: temporary.write_text(card))
 
-    def _configuration_card(self) -> str:
+    def _configuration_card(self, training: dict[str, Any] | None) -> str:
         config = dict(self.denoiser.config)
+        if training is None:
+            record = ["Training data and metrics: not recorded for this model.", ""]
+        else:
+            scores = {name: value for name, value in training.items() if name.startswith("val_")}
+            record = [f"Training data: {training['data']}; {training['steps']} optimizer steps.", "",
+                      "Final validation metrics: " + (", ".join(f"{name} {value:.4g}" for name, value in scores.items())
+                                                      if scores else "none (no validation set)") + ".", ""]
         return "\n".join([
             "# DiffuseReg registration pipeline", "",
             "Deformable registration by denoising diffusion of the deformation field (diffusereg).", "",
@@ -168,7 +177,7 @@ class DiffuseRegPipeline(DiffusionPipeline):
             f"- scheduler: `{type(self.scheduler).__name__}`, {self.scheduler.config.num_train_timesteps} training steps",
             f"- teacher: `{type(self.teacher).__name__}`" if self.teacher is not None else "- teacher: none",
             f"- field normalisation: mean={config.get('field_mean')}, std={config.get('field_std')} (voxels)", "",
-            "Training data and metrics: not recorded for this model.", "",
+            *record,
             "Intended use: research on image registration; not for clinical decisions.", ""])
 
     # ------------------------------------------------------------------ the steps of a call

@@ -190,10 +190,16 @@ class DiffusionStage(Stage):
                                   teacher=teacher, model_spacing=self.config.data.spacing,
                                   model_size=self.config.data.size)
 
-    def export(self, model: nn.Module, train_dataset: Dataset, output_dir: Path) -> None:
-        """The pipeline, with the teacher as its component (a one-shot baseline and a start)."""
+    def export(self, model: nn.Module, train_dataset: Dataset, output_dir: Path, metrics: dict[str, float]) -> None:
+        """The pipeline, with the teacher as its component (a one-shot baseline and a start); its
+        model card records the training data and the final validation metrics."""
         teacher = self.frozen_teacher().to(next(model.parameters()).device)
-        self.pipeline(model, teacher).save_pretrained(output_dir / "pipeline", safe_serialization=True)
+        data = self.config.data
+        source = data.pairs if data.pairs else f"ACDC {data.acdc_root} ({data.train_split} split)"
+        training = {"data": f"{source}, {len(train_dataset)} training items", "steps": self.config.train.max_steps,
+                    **{name: value for name, value in metrics.items() if name.startswith("val_")}}
+        self.pipeline(model, teacher).save_pretrained(output_dir / "pipeline", safe_serialization=True,
+                                                      training=training)
 
 
 def diffusion_stage(config: DiffusionConfig) -> DiffusionStage:

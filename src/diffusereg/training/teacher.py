@@ -56,7 +56,7 @@ class TeacherStage(Stage):
     def predict_field(self, model: nn.Module, fixed: Tensor, moving: Tensor, generator: torch.Generator) -> Tensor:
         return model(fixed, moving)
 
-    def export(self, model: nn.Module, train_dataset: Dataset, output_dir: Path) -> None:
+    def export(self, model: nn.Module, train_dataset: Dataset, output_dir: Path, metrics: dict[str, float]) -> None:
         model.save_pretrained(output_dir / "teacher", safe_serialization=True)
         stats = write_phi0_cache(model, train_dataset, Phi0Cache(output_dir / "phi0", self.config.cache_dtype),
                                  batch_size=self.config.validation.batch_size)

@@ -95,8 +95,9 @@ class Stage(ABC):
         """Field ``(B, ndim, *S)`` (voxels) registering ``moving`` to ``fixed`` ``(B, 1, *S)``."""
 
     @abstractmethod
-    def export(self, model: nn.Module, train_dataset: Dataset, output_dir: Path) -> None:
-        """Write the stage's result (unwrapped model with EMA weights, eval mode) to ``output_dir``."""
+    def export(self, model: nn.Module, train_dataset: Dataset, output_dir: Path, metrics: dict[str, float]) -> None:
+        """Write the stage's result (unwrapped model with EMA weights, eval mode) to ``output_dir``;
+        ``metrics`` is the last logged row (with the final validation metrics, if any)."""
 
 
 def resolve_mixed_precision(setting: str) -> str:
@@ -280,7 +281,7 @@ class Trainer:
                     break
         bar.close()
         if self.step >= loop.max_steps:
-            self.export()
+            self.export(last)
         return last
 
     def _train_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
@@ -373,11 +374,12 @@ class Trainer:
             metrics[f"val_Dice_{structure}"] = sum(score[structure] for score in scores) / len(scores)
         return metrics
 
-    def export(self) -> None:
-        """Write the stage's result (EMA weights if any) to the output directory (main process)."""
+    def export(self, metrics: dict[str, float]) -> None:
+        """Write the stage's result (EMA weights if any) to the output directory (main process);
+        ``metrics``: the last logged row."""
         if self.accelerator.is_main_process:
             with self._eval_weights() as model:
-                self.stage.export(model, self.train_dataset, self.output_dir)
+                self.stage.export(model, self.train_dataset, self.output_dir, metrics)
         self.accelerator.wait_for_everyone()
 
     def close(self) -> None:
