@@ -18,8 +18,9 @@ model (``--model``, DDIM ``--steps``), its teacher one-shot and applied three ti
 ANTs SyN (``antspyx``).
 
 ``strain``: every patient of the ACDC training folder (the groups taking turns), one method
-(``--method``: the teacher applied three times, or the model), both directions (``--fixed-frames``); global radial and circumferential strain of
-the LV myocardium (ES fixed: on the ED labels carried to ES, as the readout does; ED fixed: on the
+(``--method``: the teacher applied three times, or the model), both directions (``--fixed-frames``);
+``--groups`` restricts and orders the groups, ``--resume`` keeps the patients an earlier run
+wrote; global radial and circumferential strain of the LV myocardium (ES fixed: on the ED labels carried to ES, as the readout does; ED fixed: on the
 ED ground-truth labels) per disease group (``Info.cfg``), and the AUROC of each strain for telling
 NOR from DCM and NOR from MINF (the sign fixed beforehand: disease means less thickening and
 less shortening).
@@ -330,13 +331,23 @@ def strain_picture(rows: Sequence[dict[str, Any]], path: Path, title: str) -> No
     save_figure(figure, path)
 
 
-def group_interleaved(dataset: ACDCDataset) -> list[str]:
-    """The dataset's patients with the groups taking turns (the first of each group, then the
-    second, ...), so that a run stopped early has measured every group alike."""
-    by_group: dict[str, list[str]] = {}
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of an earlier run's ``cases.csv`` (numbers as floats), or none."""
+    if not path.is_file():
+        return []
+    with path.open() as stream:
+        return [{key: value if key in ("case", "group", "fixed") else float(value) for key, value in row.items()}
+                for row in csv.DictReader(stream)]
+
+
+def group_interleaved(dataset: ACDCDataset, groups: Sequence[str] = GROUPS) -> list[str]:
+    """The dataset's patients of ``groups`` with the groups taking turns (the first of each group,
+    then the second, ...), so that a run stopped early has measured every group alike."""
+    by_group: dict[str, list[str]] = {group: [] for group in groups}
     for index, name in enumerate(dataset.names):
-        by_group.setdefault(dataset.metadata(index)["group"], []).append(name)
-    rounds = max(len(members) for members in by_group.values())
+        if dataset.metadata(index)["group"] in by_group:
+            by_group[dataset.metadata(index)["group"]].append(name)
+    rounds = max((len(members) for members in by_group.values()), default=0)
     return [members[turn] for turn in range(rounds) for members in by_group.values() if turn < len(members)]
 
 
@@ -346,10 +357,12 @@ def run_strain(args: argparse.Namespace, settings: dict[str, Any]) -> None:
     registrar = (teacher_registrar(pipe.teacher, passes=3) if args.method == "teacher-x3"
                  else pipeline_registrar(pipe, args.steps, seed=args.seed))
     method = "teacher x3 (recursive)" if args.method == "teacher-x3" else f"{args.model} (DDIM {args.steps})"
-    names = group_interleaved(ACDCDataset(args.data, split="all", spatial_dims=3, patients=args.patients))
+    rows = read_rows(args.output / "cases.csv") if args.resume else []
+    done = {row["case"] for row in rows}
+    names = [name for name in group_interleaved(ACDCDataset(args.data, split="all", spatial_dims=3,
+                                                            patients=args.patients), args.groups) if name not in done]
     datasets = {frame: ACDCDataset(args.data, split="all", spatial_dims=3, patients=names,
                                    preprocessing=pipe.preprocessing, fixed_frame=frame) for frame in args.fixed_frames}
-    rows: list[dict[str, Any]] = []
     for index, name in enumerate(names):
         group = next(iter(datasets.values())).metadata(index)["group"]
         for frame, dataset in datasets.items():
@@ -372,9 +385,9 @@ def run_strain(args: argparse.Namespace, settings: dict[str, Any]) -> None:
         write_report(args.output / "summary.json", {"settings": settings, "method": method, "summary": summary},
                      args.output / "summary.md", [f"# Strain by ACDC group ({settings['bundle']['model']})", "",
                                                   f"Command: `{settings['command']}`", "",
-                                                  *strain_markdown(summary, method, index + 1)])
+                                                  *strain_markdown(summary, method, len(rows) // len(datasets))])
         strain_picture(rows, args.output / "strain_by_group.png",
-                       f"{method} of {settings['bundle']['model']}, {index + 1} ACDC training patients; "
+                       f"{method} of {settings['bundle']['model']}, {len(rows) // len(datasets)} ACDC training patients; "
                        f"{settings['command']}")
 
 
@@ -388,6 +401,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--method", choices=("teacher-x3", "model"), default="teacher-x3", help="strain: the method")
     parser.add_argument("--fixed-frames", nargs="+", choices=FRAMES, default=list(FRAMES),
                         help="strain: the directions, by fixed frame")
+    parser.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS),
+                        help="strain: only these ACDC groups, taking turns in this order")
+    parser.add_argument("--resume", action="store_true", help="strain: keep the patients of OUTPUT/cases.csv")
     parser.add_argument("--skip", nargs="*", default=[], help="val: method names to leave out (e.g. 'ANTs SyN')")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=2)

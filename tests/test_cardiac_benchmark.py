@@ -39,7 +39,8 @@ def test_strain_patients_take_turns_by_group(cardiac: ModuleType) -> None:
         def metadata(self, index: int) -> dict[str, str]:
             return {"group": ["DCM", "DCM", "DCM", "NOR", "NOR"][index]}
 
-    assert cardiac.group_interleaved(Groups()) == ["p1", "p4", "p2", "p5", "p3"]
+    assert cardiac.group_interleaved(Groups()) == ["p4", "p1", "p5", "p2", "p3"]
+    assert cardiac.group_interleaved(Groups(), ["DCM"]) == ["p1", "p2", "p3"]
 
 
 def test_disease_with_less_strain_scores_an_auroc_of_one(cardiac: ModuleType) -> None:
