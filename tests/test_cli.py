@@ -208,7 +208,7 @@ def test_register_can_start_from_the_models_teacher(coarse_tiny_model: Path, pha
     assert "--start-from-teacher must be in (0, 1], got 1.5" in capsys.readouterr().err
 
 
-HELP_COMMANDS = [["--help"], ["register", "--help"], ["apply", "--help"], ["demo", "--help"],
+HELP_COMMANDS = [["--help"], ["register", "--help"], ["apply", "--help"], ["cardiac", "--help"], ["demo", "--help"],
                  ["evaluate", "--help"], ["watch", "--help"], ["train", "--help"], ["train", "teacher", "--help"],
                  ["train", "diffusion", "--help"]]
 

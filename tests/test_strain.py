@@ -37,7 +37,7 @@ def test_strain_of_the_exact_field_matches_the_closed_form(phantom: CardiacPhant
     strain = myocardial_strain(field, labels, phantom.ed.axis_spacing, "fixed" if fixed_frame == "ED" else "moving")
     radial, circumferential = lv.slice_strain()
     assert lv.is_ring.sum() >= 5
-    np.testing.assert_allclose(strain.slice_radial[lv.is_ring], radial[lv.is_ring], atol=0.6)
+    np.testing.assert_allclose(strain.slice_radial[lv.is_ring], radial[lv.is_ring], atol=1.0)
     np.testing.assert_allclose(strain.slice_circumferential[lv.is_ring], circumferential[lv.is_ring], atol=0.3)
     assert np.isnan(strain.slice_radial[~lv.is_ring]).all()
     expected = lv.global_strain(fixed_frame)

@@ -19,7 +19,8 @@ Everything is deterministic given ``seed``.
 The LV is known in closed form (:class:`LVMotion`): per slice, concentric circles for the cavity
 and the epicardium at both phases, their volumes and ejection fraction, and an in-plane motion
 between the phases (the myocardial annulus mapped with a uniform area change, the
-cavity and the outside smoothly joined to it) whose field and mean radial and circumferential strain are exact.
+cavity and the outside smoothly joined to it) whose field and median radial and circumferential
+strain per slice are exact.
 """
 
 from __future__ import annotations
@@ -43,26 +44,19 @@ _NOISE_SIGMA = 25.0  # Rician noise level, same units
 _BLUR_MM = 1.2  # partial-volume blur of the in-plane edges, mm (Gaussian sigma)
 
 
-def _annulus_means(a: np.ndarray, b: np.ndarray, a_es: np.ndarray, b_es: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean radial and circumferential stretch over the annuli ``0 < a <= R <= b`` (ED radii, mm)
-    mapped to ``0 < a_es <= r <= b_es`` by ``r^2 = a_es^2 + J (R^2 - a^2)``, ``J`` the area ratio.
+def _median_stretches(a: np.ndarray, b: np.ndarray, a_es: np.ndarray, b_es: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Median radial and circumferential stretch over the annuli ``a <= R <= b`` (ED radii, mm)
+    mapped to ``a_es <= r <= b_es`` by ``r^2 = a_es^2 + J (R^2 - a^2)``, ``J`` the area ratio.
 
-    With ``r = sqrt(J) s``, ``s = sqrt(R^2 + d)``, ``d = a_es^2 / J - a^2``: the circumferential
-    stretch is ``r / R``, the radial one ``dr / dR = J R / r``, and their means over the annulus
-    (the same in either phase, as the area changes uniformly) are
-    ``2 sqrt(J) [F(R)]_a^b / (b^2 - a^2)`` with ``F = (R s +- d ln(R + s)) / 2``.
+    Both stretches are monotonic in ``R`` (circumferential ``r / R``, radial ``dr / dR = J R / r``),
+    so their medians over the annulus area are their values at the radius that halves the area,
+    ``R^2 = (a^2 + b^2) / 2``, which goes to ``r^2 = (a_es^2 + b_es^2) / 2`` (the same in either
+    phase, as the area changes uniformly).
     """
     area_ratio = (b_es**2 - a_es**2) / (b**2 - a**2)
-    d = a_es**2 / area_ratio - a**2
-
-    def antiderivative(radius: np.ndarray, sign: float) -> np.ndarray:
-        s = np.sqrt(np.maximum(radius**2 + d, 0.0))
-        return (radius * s + sign * d * np.log(radius + s)) / 2
-
-    scale = 2 * np.sqrt(area_ratio) / (b**2 - a**2)
-    radial = scale * (antiderivative(b, -1.0) - antiderivative(a, -1.0))
-    circumferential = scale * (antiderivative(b, 1.0) - antiderivative(a, 1.0))
-    return radial, circumferential
+    circumferential = np.sqrt((a_es**2 + b_es**2) / (a**2 + b**2))
+    return area_ratio / circumferential, circumferential
 
 
 @dataclass(frozen=True)
@@ -106,17 +100,17 @@ class LVMotion:
         return {"EDV": edv, "ESV": esv, "EF": 100 * (edv - esv) / edv, "mass": MYOCARDIAL_DENSITY * wall_ml}
 
     def slice_strain(self) -> tuple[np.ndarray, np.ndarray]:
-        """Mean radial and circumferential Lagrangian engineering strain (%, ED reference) of the
-        myocardium of every slice, ``(D,)`` each, NaN where :attr:`is_ring` is False."""
+        """Median radial and circumferential Lagrangian engineering strain (%, ED reference) over
+        the myocardium of every slice, ``(D,)`` each, NaN where :attr:`is_ring` is False."""
         wall = self.is_ring
         radial, circumferential = np.full(wall.shape, np.nan), np.full(wall.shape, np.nan)
-        radial[wall], circumferential[wall] = _annulus_means(self.ed_cavity[wall], self.ed_outer[wall],
+        radial[wall], circumferential[wall] = _median_stretches(self.ed_cavity[wall], self.ed_outer[wall],
                                                              self.es_cavity[wall], self.es_outer[wall])
         return 100 * (radial - 1), 100 * (circumferential - 1)
 
     def global_strain(self, frame: str) -> tuple[float, float]:
-        """Radial and circumferential strain (%) averaged over the myocardium of ``frame``
-        (``"ED"`` or ``"ES"``): the slices' means weighted by their myocardial areas in it."""
+        """Global radial and circumferential strain (%) on the myocardium of ``frame`` (``"ED"`` or
+        ``"ES"``): the slices' medians weighted by their myocardial areas in it."""
         cavity, outer = (self.ed_cavity, self.ed_outer) if frame == "ED" else (self.es_cavity, self.es_outer)
         wall = self.is_ring
         weights = (outer**2 - cavity**2)[wall]

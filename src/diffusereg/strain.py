@@ -14,8 +14,9 @@ reference) and by ``1 / |G n|`` when it is ES (``G`` then maps back to the refer
 
 Directions, per slice of the fixed frame's labels: radial points away from the centroid of the
 LV (cavity and myocardium) in that slice, circumferential is radial turned by 90 degrees in-plane.
-Per-slice strain is the mean over that slice's myocardial voxels; global strain the mean over all
-of them.
+Per-slice strain is the median over that slice's myocardial voxels (robust to the few voxels where
+a field nearly folds, whose strain is unbounded); global strain is the mean of the slices'
+medians weighted by their myocardial voxel counts.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ class MyocardialStrain:
     """Radial and circumferential strain of the LV myocardium, percent.
 
     Attributes:
-        radial, circumferential: global: mean over every myocardial voxel of the fixed frame.
-        slice_radial, slice_circumferential: per slice ``(D,)`` of the fixed grid, mean over the
+        radial, circumferential: global: the per-slice values averaged with the slices'
+            myocardial voxel counts as weights.
+        slice_radial, slice_circumferential: per slice ``(D,)`` of the fixed grid, median over the
             slice's myocardial voxels; NaN where a slice has none.
     """
 
@@ -98,12 +100,13 @@ def myocardial_strain(field: np.ndarray, labels: np.ndarray, axis_spacing: Seque
         per_slice["radial"].append(100.0 * (_stretch(slice_gradient, radial, reference) - 1.0))
         per_slice["circumferential"].append(100.0 * (_stretch(slice_gradient, circumferential, reference) - 1.0))
 
-    def slice_means(values: list[np.ndarray]) -> np.ndarray:
-        return np.array([v.mean() if v.size else np.nan for v in values])
+    counts = np.array([values.size for values in per_slice["radial"]])
 
-    def overall(values: list[np.ndarray]) -> float:
-        joined = np.concatenate(values)
-        return float(joined.mean()) if joined.size else float("nan")
+    def slice_medians(values: list[np.ndarray]) -> np.ndarray:
+        return np.array([np.median(v) if v.size else np.nan for v in values])
 
-    return MyocardialStrain(overall(per_slice["radial"]), overall(per_slice["circumferential"]),
-                            slice_means(per_slice["radial"]), slice_means(per_slice["circumferential"]))
+    def overall(medians: np.ndarray) -> float:
+        return float((np.nan_to_num(medians) * counts).sum() / counts.sum()) if counts.sum() else float("nan")
+
+    radial, circumferential = slice_medians(per_slice["radial"]), slice_medians(per_slice["circumferential"])
+    return MyocardialStrain(overall(radial), overall(circumferential), radial, circumferential)

@@ -66,7 +66,9 @@ class DataConfig:
     Either ACDC (``acdc_root``: the folder of ``patientNNN`` directories; ED = fixed,
     ES = moving, split into train/val patients by :class:`diffusereg.data.ACDCDataset`) or
     pair lists for :class:`diffusereg.data.PairedDataset` (``pairs``, ``val_pairs``: CSV or
-    JSON files); ``pairs`` wins when both are set.
+    JSON files); ``pairs`` wins when both are set. ``reverse_share`` is the share of training
+    pairs registered in the swapped direction: each pair's fixed and moving images (and labels)
+    trade places, so for ACDC ES is the fixed image and ED the moving one.
     """
 
     spatial_dims: Literal[2, 3] = 2
@@ -82,7 +84,7 @@ class DataConfig:
     val_pairs: str | None = None
     batch_size: int = 1  # per process
     num_workers: int = 0
-    reverse_share: float = 0.0  # share of training pairs turned round (moving frame fixed): both directions
+    reverse_share: float = 0.0  # share of training pairs in the swapped direction (ACDC: ES fixed, ED moving)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
