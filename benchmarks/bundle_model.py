@@ -79,7 +79,8 @@ def teacher_line(diffusion: dict[str, Any], teacher: dict[str, Any] | None,
     swap = (f" The denoiser below was trained with the teacher of `{diffusion['teacher']}`; this teacher "
             f"replaced it afterwards, without training the denoiser further (the benchmark measures the "
             f"pair as shipped).") if swapped else ""
-    return (f"1. Teacher (`training/teacher_config.yaml`): {teacher['model']} for {teacher['train']['max_steps']} "
+    network = ", ".join(f"{key} {value}" for key, value in teacher["model"].items())
+    return (f"1. Teacher (`training/teacher_config.yaml`): `RegistrationNet` ({network}) for {teacher['train']['max_steps']} "
             f"steps of batch {teacher['data']['batch_size']}, loss {teacher['loss']['similarity']} (window "
             f"{teacher['loss']['similarity_window']}) + {teacher['loss']['smoothness_weight']} x smoothness, AdamW "
             f"{teacher['optim']['lr']}, {minutes:.0f} minutes, {direction_share(teacher['data'])}; training slices: "
