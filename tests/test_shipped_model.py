@@ -108,8 +108,8 @@ PAPER_IGNORES_IMAGES = pytest.mark.xfail(
 
 
 SHIPPED_CORRECTS_TOO_LITTLE = pytest.mark.xfail(
-    strict=True, reason="the shipped model passes the zero half but brings a wrong field 38 % of the way back "
-                        "(0.89 -> 0.55 voxels), not half (docs/evaluation.md)")
+    strict=True, reason="the shipped model passes the zero half but brings a wrong field less than half of the "
+                        "way back (measured before the symmetric teacher: 38 %, docs/evaluation.md)")
 
 
 @pytest.mark.acdc
