@@ -190,7 +190,7 @@ def _finite(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
 
-def report_dict(readout: CardiacReadout, described: dict[str, Any]) -> dict[str, Any]:
+def _report_dict(readout: CardiacReadout, described: dict[str, Any]) -> dict[str, Any]:
     """What ``report.json`` holds: ``described`` (the inputs, model and settings), the direction,
     volumes, strain (global and per slice; null where a slice has no myocardium) and the field's
     folding."""
@@ -221,7 +221,7 @@ def report_dict(readout: CardiacReadout, described: dict[str, Any]) -> dict[str,
     }
 
 
-def report_rows(report: dict[str, Any]) -> list[tuple[str, float | None, str]]:
+def _report_rows(report: dict[str, Any]) -> list[tuple[str, float | None, str]]:
     """``report.csv``'s rows: ``(quantity, value, unit)``."""
     rows: list[tuple[str, float | None, str]] = []
     for chamber in ("LV", "RV"):
@@ -264,7 +264,7 @@ def _show_frame(ax: Any, image: Image, labels: Image, index: int, title: str) ->
     ax.set_axis_off()
 
 
-def save_report_picture(readout: CardiacReadout, path: Path, title: str) -> None:
+def _save_report_picture(readout: CardiacReadout, path: Path, title: str) -> None:
     """``report.png``: both frames at the mid-ventricle with their contours (given and carried),
     the volumes with the ejection fractions, and the strain per slice."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -320,12 +320,12 @@ def write_cardiac_report(readout: CardiacReadout, output_dir: str | os.PathLike,
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / REPORT_NAMES["json"]).unlink(missing_ok=True)
-    report = report_dict(readout, described or {})
+    report = _report_dict(readout, described or {})
     text = "quantity,value,unit\n" + "".join(
-        f"{quantity},{'' if value is None else f'{value:.6g}'},{unit}\n" for quantity, value, unit in report_rows(report))
+        f"{quantity},{'' if value is None else f'{value:.6g}'},{unit}\n" for quantity, value, unit in _report_rows(report))
     write_atomically(output_dir / REPORT_NAMES["csv"], lambda temporary: temporary.write_text(text))
     lv = report["LV"]
-    save_report_picture(readout, output_dir / REPORT_NAMES["picture"],
+    _save_report_picture(readout, output_dir / REPORT_NAMES["picture"],
                         f"{report['direction']}: LV EDV {lv['EDV_ml']:.0f} ml, ESV {lv['ESV_ml']:.0f} ml, "
                         f"EF {readout.volumes['LV']['EF']:.0f} %. Research use, not for clinical decisions.")
     content = json.dumps(report, indent=2) + "\n"
