@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import locale
 import re
 from pathlib import Path
 
@@ -142,8 +143,10 @@ def test_grey_png_keeps_its_values(tmp_path: Path) -> None:
 
 
 def write_dicom_series(image: Image, folder: Path) -> Path:
-    """``image`` (3D, int16 values) as a DICOM series, one file per slice, geometry in the tags."""
+    """``image`` (3D, int16 values) as a DICOM series, one file per slice, geometry in the tags.
+    GDCM's writer sets the process locale to "C" (Python would then read text as ASCII): restored."""
     folder.mkdir(parents=True, exist_ok=True)
+    saved_locale = locale.setlocale(locale.LC_ALL)
     volume = image.to_sitk()
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -157,6 +160,7 @@ def write_dicom_series(image: Image, folder: Path) -> Path:
             piece.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
         writer.Execute(piece)
+    locale.setlocale(locale.LC_ALL, saved_locale)
     return folder
 
 

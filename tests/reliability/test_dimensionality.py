@@ -5,6 +5,7 @@ registered")."""
 from __future__ import annotations
 
 import json
+import locale
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,7 @@ def test_colour_png_pictures_register_as_2d_images(case: PairFiles, tiny_model: 
 
 def test_dicom_series_folders_register(case: PairFiles, tiny_model: Path, tmp_path: Path, cli) -> None:
     """A folder of one DICOM series (what scanners write) is read as a volume with its geometry."""
+    encoding = locale.getpreferredencoding(False)
     for name, source in (("fixed", case.fixed), ("moving", case.moving)):
         image = read_image(source)
         write_dicom_series(image.with_array((1000 * image.array).astype(np.int16)), tmp_path / name)
@@ -64,3 +66,4 @@ def test_dicom_series_folders_register(case: PairFiles, tiny_model: Path, tmp_pa
                        "--model", tiny_model, "--steps", "1")
     assert code == 0, stderr
     assert read_image(tmp_path / "out" / "warped.nii.gz").grid.same_as(read_image(case.fixed).grid, atol=1e-3)
+    assert locale.getpreferredencoding(False) == encoding  # GDCM's reading leaves the process locale as it was
