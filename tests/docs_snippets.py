@@ -52,7 +52,7 @@ class Snippet:
 
 def snippets(page: Path, text: str | None = None) -> list[Snippet]:
     """Every fenced block of ``page`` (or of ``text``, read as that page)."""
-    text = page.read_text() if text is None else text
+    text = page.read_text(encoding="utf-8") if text is None else text
     found = []
     for match in _BLOCK.finditer(text):
         directive, argument = match.group("directive"), match.group("argument")
