@@ -82,9 +82,11 @@ def memory(pairs: Path, model: Path, output: Path) -> None:
     samples: list[tuple[int, float]] = []  # (finished pairs, RSS MiB)
     while process.poll() is None:
         try:
-            samples.append((finished(output), watched.memory_info().rss / 2**20))
+            rss = watched.memory_info().rss / 2**20
         except psutil.NoSuchProcess:
             break
+        if rss > 0:  # an exited process not yet reaped reads 0
+            samples.append((finished(output), rss))
         time.sleep(0.2)
     total = finished(output)
     print(f"## memory: {total} pairs in {time.monotonic() - started:.0f} s, exit code {process.returncode}")
