@@ -94,6 +94,11 @@ def dice_curve(pipe: DiffuseRegPipeline, dataset: ACDCDataset, steps: int, seed:
     return curve
 
 
+def teacher_name(passes: int) -> str:
+    """The benchmark row of the teacher applied ``passes`` times recursively."""
+    return "teacher (one-shot)" if passes == 1 else f"teacher x{passes} (recursive)"
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far, MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -143,8 +148,7 @@ def main() -> None:
             print(f"ANTs SyN skipped: {error}", file=sys.stderr)
     if pipe.teacher is not None:  # a model without a teacher component has no teacher rows
         for passes in args.teacher_passes:
-            name = "teacher (one-shot)" if passes == 1 else f"teacher x{passes} (recursive)"
-            methods[name] = teacher_registrar(pipe.teacher, passes=passes)
+            methods[teacher_name(passes)] = teacher_registrar(pipe.teacher, passes=passes)
         for strength in args.refine_strengths:
             methods[f"teacher + DDIM {args.refine_steps} from strength {strength:g}"] = pipeline_registrar(
                 pipe, args.refine_steps, seed=args.seed, init_field="teacher", strength=strength)
@@ -159,8 +163,7 @@ def main() -> None:
         half.set_progress_bar_config(disable=True)
         if half.teacher is not None:
             for passes in args.teacher_passes:
-                name = "teacher (one-shot)" if passes == 1 else f"teacher x{passes} (recursive)"
-                methods[f"{name}, bf16"] = teacher_registrar(half.teacher, passes=passes)
+                methods[f"{teacher_name(passes)}, bf16"] = teacher_registrar(half.teacher, passes=passes)
         for steps in args.ddim_steps:
             methods[f"DDIM {steps}, bf16"] = pipeline_registrar(half, steps, seed=args.seed)
     for baseline in args.baseline_models:
