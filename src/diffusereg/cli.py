@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from diffusereg import DEFAULT_STEPS, __version__
 
 if TYPE_CHECKING:
+    from diffusereg.pipelines import DiffuseRegPipeline
     from diffusereg.registration import RegistrationSettings
 
 DEFAULT_MODEL = "diffusereg/acdc-2d"  # the shipped model (a Hugging Face Hub id)
@@ -249,6 +250,14 @@ def _settings(args: argparse.Namespace) -> RegistrationSettings:
                                 start_from_teacher=strength)
 
 
+def _pipeline(args: argparse.Namespace, device: Any) -> DiffuseRegPipeline:
+    """The pipeline of ``--model`` on ``device``, in ``--dtype``, pickle weights only with
+    ``--trust-pickle-weights``."""
+    from diffusereg.pipelines import load_pipeline
+
+    return load_pipeline(args.model, device, allow_pickle=args.trust_pickle_weights, dtype=args.dtype)
+
+
 def _device(args: argparse.Namespace) -> str:
     import torch
 
@@ -278,7 +287,6 @@ def _summary(metrics: dict[str, Any], output_dir: Path) -> str:
 
 
 def _run_register(args: argparse.Namespace) -> int:
-    from diffusereg.pipelines import load_pipeline
     from diffusereg.registration import (RegistrationError, check_pair_list, check_request, read_inputs,
                                          register_checked, register_pair_list)
 
@@ -290,8 +298,7 @@ def _run_register(args: argparse.Namespace) -> int:
 
         state = PartialState()
         requests = check_pair_list(args.pairs, args.output, settings)  # fail before loading the model
-        pipe = load_pipeline(args.model, args.device or state.device, allow_pickle=args.trust_pickle_weights,
-                             dtype=args.dtype)
+        pipe = _pipeline(args, args.device or state.device)
         pipe.set_progress_bar_config(disable=True)
         summary = register_pair_list(pipe, requests, model_name=args.model, state=state)
         print(f"{args.output}: registered {len(summary.registered)} pairs, skipped {len(summary.skipped)} finished "
@@ -300,8 +307,7 @@ def _run_register(args: argparse.Namespace) -> int:
     if args.fixed is None or args.moving is None:
         raise RegistrationError("give FIXED and MOVING images, or --pairs LIST")
     request = check_request(args.fixed, args.moving, args.output, settings, args.fixed_labels, args.moving_labels)
-    pipe = load_pipeline(args.model, _device(args), allow_pickle=args.trust_pickle_weights,
-                         dtype=args.dtype)
+    pipe = _pipeline(args, _device(args))
     metrics = register_checked(pipe, read_inputs(pipe, request), settings, model_name=args.model)
     print(_summary(metrics, args.output))
     return 0
@@ -318,7 +324,6 @@ def _run_apply(args: argparse.Namespace) -> int:
 def _run_cardiac(args: argparse.Namespace) -> int:
     from diffusereg.cardiac import REPORT_NAMES, cardiac_readout, parse_label_map, write_cardiac_report
     from diffusereg.metrics import ACDC_LABELS
-    from diffusereg.pipelines import load_pipeline
     from diffusereg.validation import check_output_folder, check_sources
 
     settings = _settings(args)
@@ -326,7 +331,7 @@ def _run_cardiac(args: argparse.Namespace) -> int:
     sources = {"fixed": args.ed, "moving": args.es, "moving_labels": args.labels}
     check_sources(sources)
     check_output_folder(args.output, sources.values(), REPORT_NAMES.values())
-    pipe = load_pipeline(args.model, _device(args), allow_pickle=args.trust_pickle_weights)
+    pipe = _pipeline(args, _device(args))
     frame = args.labels_frame.upper()
     readout = cardiac_readout(pipe, args.ed, args.es, args.labels, frame, label_map, settings)
     described = {"ED": str(args.ed), "ES": str(args.es), "labels": str(args.labels), "label_map": label_map,
@@ -346,12 +351,10 @@ def _run_cardiac(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from diffusereg.pipelines import load_pipeline
     from diffusereg.registration import register_pair
 
     settings = _settings(args)
-    pipe = load_pipeline(args.model, _device(args), allow_pickle=args.trust_pickle_weights,
-                         dtype=args.dtype)
+    pipe = _pipeline(args, _device(args))
     if args.acdc is not None:
         from diffusereg.data import read_acdc_patient
 
@@ -374,7 +377,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from diffusereg.data import ACDCDataset
     from diffusereg.evaluation import evaluate, pipeline_registrar, write_evaluation
     from diffusereg.guidance import build_guides
-    from diffusereg.pipelines import load_pipeline
     from diffusereg.registration import RegistrationError
     from diffusereg.schedulers import scheduler_of_kind
 
@@ -382,8 +384,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if any(spec.kind == "organ" for spec in settings.guidance):
         raise RegistrationError("evaluate: organ guidance would use the labels that Dice is scored on; "
                                 "use smoothness=, similarity or folds")
-    pipe = load_pipeline(args.model, _device(args), allow_pickle=args.trust_pickle_weights,
-                         dtype=args.dtype)
+    pipe = _pipeline(args, _device(args))
     if settings.start_from_teacher is not None and pipe.teacher is None:
         raise RegistrationError(f"--start-from-teacher: model {args.model!r} has no one-shot teacher component")
     pipe.scheduler = scheduler_of_kind(pipe.scheduler, args.scheduler)
@@ -428,7 +429,6 @@ def _run_watch(args: argparse.Namespace) -> int:
     import tempfile
 
     from diffusereg.data import PairFiles
-    from diffusereg.pipelines import load_pipeline
     from diffusereg.registration import RegistrationError
     from diffusereg.watch import WatchServer, WatchSession
     from diffusereg.watch.server import is_loopback
@@ -436,8 +436,7 @@ def _run_watch(args: argparse.Namespace) -> int:
     if (args.fixed is None) != (args.moving is None):
         raise RegistrationError("give FIXED and MOVING, or neither (the cardiac phantom)")
     settings = _settings(args)
-    pipe = load_pipeline(args.model, _device(args), allow_pickle=args.trust_pickle_weights,
-                         dtype=args.dtype)
+    pipe = _pipeline(args, _device(args))
     with _terminate_as_interrupt(), tempfile.TemporaryDirectory(prefix="diffusereg-watch-") as folder:
         session = WatchSession(pipe, folder, model_name=args.model, settings=settings)
         if args.fixed is None:
