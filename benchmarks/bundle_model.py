@@ -34,8 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from safetensors import safe_open
 
 from diffusereg.evaluation import summary_markdown
+from diffusereg.io import write_atomically
 from diffusereg.models import RegistrationNet
 from diffusereg.pipelines import DiffuseRegPipeline
 
@@ -71,7 +73,7 @@ def validation_table(log: list[dict[str, str]]) -> str:
 def teacher_line(diffusion: dict[str, Any], teacher: dict[str, Any] | None,
                  teacher_log: list[dict[str, str]] | None, swapped: bool) -> str:
     """Where the teacher came from: a teacher run (its config and log are bundled) or a saved pipeline;
-    ``swapped``: the run's teacher replaced the one the denoiser was trained with."""
+    ``swapped``: this teacher replaced the one the denoiser was trained with (``diffusion["teacher"]``)."""
     if teacher is None or teacher_log is None:
         return (f"1. Teacher: the teacher component of `{diffusion['teacher']}`, unchanged (its model card "
                 f"describes its training).")
@@ -126,10 +128,39 @@ def recipe(diffusion: dict[str, Any], teacher: dict[str, Any] | None, diffusion_
     ])
 
 
+def spread_section(uncertainty: dict[str, Any] | None) -> str:
+    """What the spread of the model's samples means, from a ``benchmarks/uncertainty.py`` report:
+    for each of its groups, the voxel AUROC of the samples' label disagreement against the
+    boundary-distance baseline and the structures' Spearman rho of the field spread against the
+    volume baseline, and one sentence saying whether the spread beat both baselines."""
+    if uncertainty is None:
+        return "Not measured for this model (`benchmarks/uncertainty.py`)."
+    lines = ["| samples of | wrong voxels: AUROC of the samples' label disagreement | baseline: boundary distance "
+             "| structures: Spearman of the field spread with 1 - Dice | baseline: volume |", "|---|---:|---:|---:|---:|"]
+    beaten = []
+    for group, summary in uncertainty["summaries"].items():
+        auroc, rho = summary["voxels"]["auroc"], summary["structures"]
+        disagreement, distance = auroc["disagreement"]["pooled"], auroc["-boundary_distance"]["pooled"]
+        spread, volume = rho["field_spread"]["pooled"]["rho"], rho["-volume"]["pooled"]["rho"]
+        lines.append(f"| {group} | {disagreement:.3f} | {distance:.3f} | {spread:.3f} | {volume:.3f} |")
+        beaten.append(disagreement > distance and spread >= 0.5 and spread > volume)
+    settings = uncertainty["settings"]
+    verdict = ("The samples disagree where the registration is wrong: their spread ranks the wrong voxels "
+               "above the distance to the label boundary and the structures' Dice errors above their volume."
+               if all(beaten) else
+               "The spread of this model's samples is not an uncertainty estimate: it does not point at the "
+               "voxels or structures the registration gets wrong better than the distance to the warped "
+               "label boundary or the structure's size does, so read it as the sampler's variability, not "
+               "as a confidence.")
+    return "\n".join([verdict, "", f"{len(settings['cases'])} validation patients x {len(settings['seeds'])} seeds, "
+                      f"`{settings['command']}` (AUROC 0.5: chance):", "", *lines])
+
+
 def card(name: str, pipe: DiffuseRegPipeline, diffusion: dict[str, Any], teacher: dict[str, Any] | None,
          diffusion_log: list[dict[str, str]], teacher_log: list[dict[str, str]] | None, benchmark: dict[str, Any],
-         provenance: dict[str, Any], swapped: bool) -> str:
-    """The model card, from the bundle's own records."""
+         provenance: dict[str, Any], uncertainty: dict[str, Any] | None) -> str:
+    """The model card, from the bundle's own records and the benchmark reports."""
+    swapped = Path(provenance["teacher"]) != Path(diffusion["teacher"])
     config = pipe.denoiser.config
     summaries = benchmark["summary"]
     ordered = {method: summaries[method] for method in (*CARD_METHODS, *summaries) if method in summaries}
@@ -190,6 +221,10 @@ over patients; Dice %, NJD % of voxels, HD95 mm, seconds per case.
 Rows named after a model (`name: DDIM k`) are that model as it was when the benchmark ran; where
 the name is this model's own, they are the release this one replaced.
 
+## What the spread of its samples means
+
+{spread_section(uncertainty)}
+
 ## Intended use and limits
 
 Research on image registration; not for clinical decisions. Trained on ACDC cine MR only:
@@ -198,15 +233,48 @@ own data"). 2D: no through-plane motion.
 """
 
 
+def docs_card(bundle: Path) -> Path:
+    """The documentation's copy of a bundle's model card."""
+    return Path("docs", f"model_card_{bundle.name.replace('-', '_')}.md")
+
+
+def refresh_card(bundle: Path, name: str, benchmark: dict[str, Any], uncertainty: dict[str, Any] | None) -> None:
+    """Write the card of an existing bundle again from its own ``training/`` records and the given
+    benchmark reports (``README.md`` and the documentation's copy); the weights stay as they are."""
+    records = bundle / "training"
+    pipe = DiffuseRegPipeline.from_pretrained(bundle)
+    with safe_open(bundle / "denoiser" / "diffusion_pytorch_model.safetensors", "pt") as weights:
+        pipe.denoiser.to(weights.get_tensor(next(iter(weights.keys()))).dtype)  # the card names the stored dtype
+    diffusion = yaml.safe_load((records / "diffusion_config.yaml").read_text())
+    teacher_config, teacher_log = records / "teacher_config.yaml", records / "teacher_log.csv"
+    teacher = yaml.safe_load(teacher_config.read_text()) if teacher_config.is_file() else None
+    text = card(name, pipe, diffusion, teacher, read_log(records / "diffusion_log.csv"),
+                read_log(teacher_log) if teacher_log.is_file() else None, benchmark,
+                json.loads((records / "provenance.json").read_text()), uncertainty)
+    for path in (bundle / "README.md", docs_card(bundle)):
+        write_atomically(path, lambda temporary: temporary.write_text(text))
+    print(f"{bundle}/README.md and {docs_card(bundle)} written")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="diffusion output folder (pipeline/, config.yaml, log.csv)")
+    parser.add_argument("--run", type=Path, help="diffusion output folder (pipeline/, config.yaml, log.csv)")
     parser.add_argument("--benchmark", type=Path, required=True, help="benchmarks/acdc.py output folder (summary.json)")
+    parser.add_argument("--uncertainty", type=Path, help="benchmarks/uncertainty.py output folder (summary.json)")
     parser.add_argument("--name", required=True, help="the model's short name, e.g. diffusereg/acdc-2d")
-    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--output", type=Path, required=True, help="the bundle folder")
+    parser.add_argument("--refresh-card", action="store_true",
+                        help="only write the card of the bundle in --output again (no --run)")
     parser.add_argument("--teacher", type=Path, help="a teacher run folder whose network replaces the pipeline's teacher")
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     args = parser.parse_args()
+    if (args.run is None) != args.refresh_card:
+        parser.error("give --run to bundle a run, or --refresh-card to rewrite the card of --output")
+    benchmark = json.loads((args.benchmark / "summary.json").read_text())
+    uncertainty = json.loads((args.uncertainty / "summary.json").read_text()) if args.uncertainty else None
+    if args.refresh_card:
+        refresh_card(args.output, args.name, benchmark, uncertainty)
+        return
 
     pipe = DiffuseRegPipeline.from_pretrained(args.run / "pipeline")
     if pipe.teacher is None:
@@ -219,7 +287,6 @@ def main() -> None:
     teacher = yaml.safe_load((teacher_run / "config.yaml").read_text()) if teacher_is_run else None
     teacher_log = read_log(teacher_run / "log.csv") if teacher_is_run else None
     diffusion_log = read_log(args.run / "log.csv")
-    benchmark = json.loads((args.benchmark / "summary.json").read_text())
     earlier = args.run / "provenance.json"  # a run folder made from an earlier bundle keeps its records
     denoiser_provenance = json.loads(earlier.read_text()) if earlier.is_file() else None
     commands = ([f"(at commit {denoiser_provenance['commit'][:7]}) {command}"
@@ -238,8 +305,7 @@ def main() -> None:
     if temporary.exists():
         shutil.rmtree(temporary)
     pipe.denoiser.to(getattr(torch, args.dtype))
-    text = card(args.name, pipe, diffusion, teacher, diffusion_log, teacher_log, benchmark, provenance,
-                swapped=args.teacher is not None)
+    text = card(args.name, pipe, diffusion, teacher, diffusion_log, teacher_log, benchmark, provenance, uncertainty)
     pipe.save_pretrained(temporary, model_card=text)
     for config_file in temporary.rglob("*.json"):  # no path of this machine in a shipped config
         config = json.loads(config_file.read_text())
@@ -256,7 +322,7 @@ def main() -> None:
     if args.output.exists():
         shutil.rmtree(args.output)
     temporary.rename(args.output)
-    Path("docs", f"model_card_{args.output.name.replace('-', '_')}.md").write_text(text)
+    docs_card(args.output).write_text(text)
 
     bundled = DiffuseRegPipeline.from_pretrained(args.output).denoiser.state_dict()
     error = max(float((bundled[name].float() - tensor.float()).abs().max()) for name, tensor in original.items())

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.networks.layers import GaussianFilter
 
 from diffusereg import DiffuseRegPipeline
 from diffusereg.data import ACDCDataset, PaperPreprocessing
@@ -54,6 +55,39 @@ def optimise(fixed: torch.Tensor, moving: torch.Tensor, start: torch.Tensor, smo
         loss.backward()
         optimiser.step()
     return fields
+
+
+def smooth_noise(shape: torch.Size, amplitude: float, sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise ``(N, C, H, W)`` blurred in-plane by a Gaussian of ``sigma`` voxels (MONAI's
+    :class:`~monai.networks.layers.GaussianFilter`), scaled to a root mean square of ``amplitude``
+    voxels per slice and channel."""
+    noise = GaussianFilter(spatial_dims=2, sigma=sigma)(torch.randn(shape, generator=generator))
+    return amplitude * noise / noise.square().mean(dim=(2, 3), keepdim=True).sqrt().clamp_min(1e-8)
+
+
+def energy_samples(fixed: torch.Tensor, moving: torch.Tensor, start: torch.Tensor, seeds: list[int],
+                   smoothness_range: tuple[float, float], start_amplitude: float, start_sigma: float,
+                   iterations: int, learning_rate: float) -> list[torch.Tensor]:
+    """Several minimisers of the registration energy per pair, one per seed: each seed draws a
+    smoothness weight log-uniformly from ``smoothness_range`` and an in-plane smooth displacement of
+    ``start_amplitude`` voxels (blur ``start_sigma`` voxels) added to ``start``, then runs
+    ``iterations`` Adam steps of :func:`optimise` from there. Where the images pin the field the
+    samples meet again; where they leave it open the random start and weight survive.
+
+    Args:
+        fixed, moving: ``(N, 1, H, W)`` slices on the model grid, intensities in ``[0, 1]``.
+        start: ``(N, 2, H, W)`` the field the samples are drawn around, voxels.
+    Returns:
+        One field ``(N, 2, H, W)`` (voxels) per seed.
+    """
+    samples = []
+    low, high = np.log(smoothness_range[0]), np.log(smoothness_range[1])
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        smoothness = float(np.exp(low + (high - low) * torch.rand((), generator=generator).item()))
+        begin = start + smooth_noise(start.shape, start_amplitude, start_sigma, generator)
+        samples.append(optimise(fixed, moving, begin, smoothness, [iterations], learning_rate)[iterations])
+    return samples
 
 
 def main() -> None:

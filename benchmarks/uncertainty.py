@@ -45,6 +45,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,10 @@ from diffusereg import DEFAULT_STEPS
 from diffusereg.data import ACDCDataset, PreprocessedPair
 from diffusereg.evaluation import pipeline_registrar, summarize, summary_markdown, warp_moving_labels
 from diffusereg.metrics import ACDC_LABELS, acdc_dice, auroc
+from diffusereg.pipelines.layout import ModelGridBatch
 from diffusereg.pipelines import DiffuseRegPipeline
 from diffusereg.visualize import LABEL_COLOURS
+from instance_optimisation import energy_samples
 from reporting import FigureSlice, figure_case_name, new_figure, run_settings, save_figure, write_report
 
 STRUCTURES = ("LV", "Myo", "RV")
@@ -92,6 +95,19 @@ class VoxelMaps:
 def sample_fields(pipe: DiffuseRegPipeline, pair: PreprocessedPair, steps: int, seeds: Sequence[int]) -> np.ndarray:
     """One field per seed ``(K, 3, D, H, W)``, voxels: a ``num_samples=1`` call with the seed's own generator each."""
     return np.stack([pipeline_registrar(pipe, steps, seed=seed)(pair.fixed, pair.moving).field for seed in seeds])
+
+
+def sample_energy(pipe: DiffuseRegPipeline, pair: PreprocessedPair, seeds: Sequence[int], args: argparse.Namespace
+                  ) -> np.ndarray:
+    """One minimiser of the registration energy per seed ``(K, 3, D, H, W)``, voxels, drawn around
+    the pipeline's teacher applied ``--energy-passes`` times (:func:`instance_optimisation.energy_samples`)."""
+    teacher = pipe.teacher.eval()
+    batch = ModelGridBatch.from_arrays(pair.fixed, pair.moving, None, teacher.config.spatial_dims, teacher.size_multiple)
+    with torch.no_grad():
+        start = teacher.recursive(batch.fixed, batch.moving, args.energy_passes)[-1]
+    fields = energy_samples(batch.fixed, batch.moving, start, list(seeds), tuple(args.energy_smoothness),
+                            args.energy_amplitude, args.energy_sigma, args.energy_iterations, args.energy_learning_rate)
+    return np.stack([batch.to_output(field, is_field=True).numpy() for field in fields])
 
 
 def label_disagreement(labels: np.ndarray) -> np.ndarray:
@@ -274,6 +290,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--margin", type=int, default=3, help="in-plane dilation of the heart region, voxels")
     parser.add_argument("--figure-patient", type=int, help="patient number of the voxel figure (default: the first)")
     parser.add_argument("--figure-slice", type=int, help="model-grid slice of the voxel figure (default: most heart)")
+    parser.add_argument("--energy", action="store_true",
+                        help="also one group of registration-energy minimisers per seed (see --energy-*)")
+    parser.add_argument("--energy-passes", type=int, default=3, help="teacher passes of the energy samples' centre")
+    parser.add_argument("--energy-smoothness", type=float, nargs=2, default=[0.1, 3.0],
+                        help="range of the smoothness weight, drawn log-uniformly per seed")
+    parser.add_argument("--energy-amplitude", type=float, default=1.0, help="random start's rms displacement, voxels")
+    parser.add_argument("--energy-sigma", type=float, default=4.0, help="random start's in-plane blur, voxels")
+    parser.add_argument("--energy-iterations", type=int, default=50, help="Adam steps per energy sample")
+    parser.add_argument("--energy-learning-rate", type=float, default=0.05, help="Adam step, voxels")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     if len(set(args.seeds)) < 2 or len(set(args.seeds)) < len(args.seeds):
@@ -293,7 +318,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 for frame in dict.fromkeys(args.fixed_frames)}
     names = next(iter(datasets.values())).names
     figure_name = figure_case_name(names, args.figure_patient)
-    title = {(frame, steps): f"{frame} fixed, {steps} steps" for frame in datasets for steps in args.steps}
+    samplers = {f"{steps} steps": partial(sample_fields, pipe, steps=steps) for steps in args.steps}
+    if args.energy:
+        samplers[f"energy samples around teacher x{args.energy_passes}"] = partial(sample_energy, pipe, args=args)
+    title = {(frame, label): f"{frame} fixed, {label}" for frame in datasets for label in samplers}
     rows: dict[str, list[dict[str, Any]]] = {text: [] for text in title.values()}
     voxels: dict[str, list[tuple[dict[str, np.ndarray], np.ndarray]]] = {text: [] for text in title.values()}
     figure_maps = None
@@ -301,15 +329,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for frame, dataset in datasets.items():
         for index, name in enumerate(dataset.names):
             pair = dataset.preprocessed(index)
-            for steps in args.steps:
-                group = title[frame, steps]
+            for label, sampler in samplers.items():
+                group = title[frame, label]
                 progress.set_postfix_str(f"{name}, {group}")
                 sampled = time.perf_counter()
-                fields = sample_fields(pipe, pair, steps, args.seeds)
+                fields = sampler(pair, seeds=args.seeds)
                 seconds = time.perf_counter() - sampled
                 row, maps = analyse(pair, fields, args.margin)
                 rows[group].append({"case": name, "group": dataset.metadata(index)["group"], "fixed_frame": frame,
-                                    "steps": steps, "seconds": seconds, **row})
+                                    "sampler": label, "seconds": seconds, **row})
                 voxels[group].append((maps.scores(), maps.wrong[maps.region]))
                 if name == figure_name and figure_maps is None:
                     figure_maps = (group, FigureSlice.around_heart(name, pair, args.figure_slice), maps)

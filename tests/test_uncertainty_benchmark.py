@@ -11,6 +11,7 @@ from types import ModuleType, SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from monai.networks.layers import GaussianFilter
 from scipy import stats
 
 from tiny import spread_tiny_pipeline
@@ -55,13 +56,30 @@ def test_each_seed_is_one_single_sample_call_unlike_one_call_with_all_samples(un
     assert not np.allclose(joint.field, fields.mean(axis=0))
 
 
+def test_energy_samples_meet_where_the_image_pins_the_field_and_stay_apart_where_it_is_flat(
+        benchmark_script: Callable[[str], ModuleType]) -> None:
+    energy_samples = benchmark_script("instance_optimisation").energy_samples
+    texture = GaussianFilter(2, 1.5)(torch.rand((1, 1, 64, 40), generator=torch.Generator().manual_seed(0)))
+    texture = (texture[..., 4:36] - texture.min()) / (texture.max() - texture.min())
+    image = torch.cat([texture, torch.full((1, 1, 64, 32), 0.5)], dim=3)  # textured left half, flat right half
+    samples = torch.stack(energy_samples(image, image, torch.zeros(1, 2, 64, 64), [0, 1, 2, 3], (1.0, 1.0),
+                                         start_amplitude=1.0, start_sigma=4.0, iterations=60, learning_rate=0.05))
+    spread = samples.std(dim=0).norm(dim=1)[0]  # (64, 64) voxels
+    textured, flat = spread[8:-8, 4:24].mean(), spread[8:-8, 40:60].mean()
+    assert flat > 0.3  # nothing in a flat image pulls the random starts together
+    assert textured < 0.3 * flat
+
+
 @pytest.mark.acdc
-def test_one_case_two_seeds_both_directions(uncertainty: ModuleType, acdc_root: Path, tmp_path: Path) -> None:
-    spread_tiny_pipeline((8, 64, 64)).save_pretrained(tmp_path / "model")
+def test_one_case_two_seeds_both_directions(uncertainty: ModuleType, acdc_root: Path, tmp_path: Path,
+                                            with_teacher: Callable[[Path, Path], Path]) -> None:
+    spread_tiny_pipeline((8, 64, 64)).save_pretrained(tmp_path / "bare")
+    model = with_teacher(tmp_path / "bare", tmp_path / "model")
     output = tmp_path / "out"
-    report = uncertainty.main(["--data", str(acdc_root), "--patients", "10", "--model", str(tmp_path / "model"),
+    report = uncertainty.main(["--data", str(acdc_root), "--patients", "10", "--model", str(model),
                                "--output", str(output), "--seeds", "0", "1", "--steps", "1",
-                               "--fixed-frames", "ED", "ES", "--threads", "1"])
+                               "--fixed-frames", "ED", "ES", "--energy", "--energy-iterations", "2",
+                               "--threads", "1"])
 
     assert json.loads((output / "summary.json").read_text()) == report
     assert report["settings"]["command"].endswith("--threads 1")
@@ -80,6 +98,8 @@ def test_one_case_two_seeds_both_directions(uncertainty: ModuleType, acdc_root: 
         pooled = report["summaries"][group]["structures"]["-volume"]["pooled"]
         assert pooled["n"] == 3 and -1 <= pooled["rho"] <= 1
         assert report["summaries"][group]["structures"]["-volume"]["LV"] == {"rho": None, "p": None, "n": 1}
+    energy = report["rows"]["ED fixed, energy samples around teacher x3"]
+    assert [row["case"] for row in energy] == ["patient010"] and energy[0]["field_spread_heart"] > 0
     ed, es = report["rows"]["ED fixed, 1 steps"][0], report["rows"]["ES fixed, 1 steps"][0]
     assert ed["volume_LV"] > es["volume_LV"]  # the fixed frame is ED, then ES: the LV contracts
     for picture in ("voxels.png", "structures.png"):
