@@ -17,8 +17,17 @@ and logs of the diffusion run and of its teacher's run (where the teacher is a r
 pipeline) and ``provenance.json`` (the commit, the
 commands). The model card ``README.md`` is generated from those files and from the benchmark's
 ``summary.json``: the recipe, the validation during training, and the benchmark table with its
-command. ``docs/model_card_<folder>.md`` gets the same card. Prints the sizes and the largest
-difference between the bundled (upcast) and the trained denoiser weights.
+command, and from ``--uncertainty`` folders of ``benchmarks/uncertainty.py`` (what the spread of
+the samples means). ``docs/model_card_<folder>.md`` gets the same card. Prints the sizes and the
+largest difference between the bundled (upcast) and the trained denoiser weights.
+
+``--refresh-card`` writes the card of the bundle in ``--output`` again from its own ``training/``
+records and the given reports, leaving its weights alone (no ``--run``):
+
+    python benchmarks/bundle_model.py --refresh-card --output src/diffusereg/pretrained/acdc-2d \
+        --name diffusereg/acdc-2d --benchmark benchmarks/results/acdc_val_both \
+        --uncertainty benchmarks/results/uncertainty_val benchmarks/results/uncertainty_val_perturbed \
+        benchmarks/results/uncertainty_val_mismatch_small
 """
 
 from __future__ import annotations
@@ -128,23 +137,32 @@ def recipe(diffusion: dict[str, Any], teacher: dict[str, Any] | None, diffusion_
     ])
 
 
-def spread_section(uncertainty: dict[str, Any] | None) -> str:
-    """What the spread of the model's samples means, from a ``benchmarks/uncertainty.py`` report:
-    for each of its groups, the voxel AUROC of the samples' label disagreement against the
-    boundary-distance baseline and the structures' Spearman rho of the field spread against the
-    volume baseline, and one sentence saying whether the spread beat both baselines."""
-    if uncertainty is None:
+def spread_section(reports: list[dict[str, Any]]) -> str:
+    """What the spread of the model's samples means, from ``benchmarks/uncertainty.py`` reports:
+    a row per group (the pipeline's own samples, and the comparison groups of target distributions)
+    with the voxel AUROC of the samples' label disagreement against the boundary-distance baseline
+    and the structures' Spearman rho of the field spread against the volume baseline, and one
+    sentence saying whether the model's own spread beat both baselines."""
+    if not reports:
         return "Not measured for this model (`benchmarks/uncertainty.py`)."
     lines = ["| samples of | wrong voxels: AUROC of the samples' label disagreement | baseline: boundary distance "
              "| structures: Spearman of the field spread with 1 - Dice | baseline: volume |", "|---|---:|---:|---:|---:|"]
-    beaten = []
-    for group, summary in uncertainty["summaries"].items():
-        auroc, rho = summary["voxels"]["auroc"], summary["structures"]
-        disagreement, distance = auroc["disagreement"]["pooled"], auroc["-boundary_distance"]["pooled"]
-        spread, volume = rho["field_spread"]["pooled"]["rho"], rho["-volume"]["pooled"]["rho"]
-        lines.append(f"| {group} | {disagreement:.3f} | {distance:.3f} | {spread:.3f} | {volume:.3f} |")
-        beaten.append(disagreement > distance and spread >= 0.5 and spread > volume)
-    settings = uncertainty["settings"]
+    beaten, commands = [], []
+    for report in reports:
+        own = {f"{steps} steps" for steps in report["settings"]["steps"]}
+        commands.append(f"`{report['settings']['command']}`")
+        for group, summary in report["summaries"].items():
+            auroc, rho = summary["voxels"]["auroc"], summary["structures"]
+            disagreement, distance = auroc["disagreement"]["pooled"], auroc["-boundary_distance"]["pooled"]
+            spread, volume = rho["field_spread"]["pooled"]["rho"], rho["-volume"]["pooled"]["rho"]
+            is_own = report["rows"][group][0]["sampler"] in own
+            name = f"this model, {group}" if is_own else f"{group} (not this model: a candidate training target)"
+            lines.append(f"| {name} | {disagreement:.3f} | {distance:.3f} | {spread:.3f} | {volume:.3f} |")
+            if is_own:
+                beaten.append(disagreement > distance and spread >= 0.5 and spread > volume)
+    if not beaten:
+        raise ValueError("the uncertainty reports hold no group of the pipeline's own samples")
+    settings = reports[0]["settings"]
     verdict = ("The samples disagree where the registration is wrong: their spread ranks the wrong voxels "
                "above the distance to the label boundary and the structures' Dice errors above their volume."
                if all(beaten) else
@@ -153,12 +171,12 @@ def spread_section(uncertainty: dict[str, Any] | None) -> str:
                "label boundary or the structure's size does, so read it as the sampler's variability, not "
                "as a confidence.")
     return "\n".join([verdict, "", f"{len(settings['cases'])} validation patients x {len(settings['seeds'])} seeds, "
-                      f"`{settings['command']}` (AUROC 0.5: chance):", "", *lines])
+                      f"{', '.join(commands)} (AUROC 0.5: chance):", "", *lines])
 
 
 def card(name: str, pipe: DiffuseRegPipeline, diffusion: dict[str, Any], teacher: dict[str, Any] | None,
          diffusion_log: list[dict[str, str]], teacher_log: list[dict[str, str]] | None, benchmark: dict[str, Any],
-         provenance: dict[str, Any], uncertainty: dict[str, Any] | None) -> str:
+         provenance: dict[str, Any], uncertainty: list[dict[str, Any]]) -> str:
     """The model card, from the bundle's own records and the benchmark reports."""
     swapped = Path(provenance["teacher"]) != Path(diffusion["teacher"])
     config = pipe.denoiser.config
@@ -238,7 +256,7 @@ def docs_card(bundle: Path) -> Path:
     return Path("docs", f"model_card_{bundle.name.replace('-', '_')}.md")
 
 
-def refresh_card(bundle: Path, name: str, benchmark: dict[str, Any], uncertainty: dict[str, Any] | None) -> None:
+def refresh_card(bundle: Path, name: str, benchmark: dict[str, Any], uncertainty: list[dict[str, Any]]) -> None:
     """Write the card of an existing bundle again from its own ``training/`` records and the given
     benchmark reports (``README.md`` and the documentation's copy); the weights stay as they are."""
     records = bundle / "training"
@@ -260,7 +278,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, help="diffusion output folder (pipeline/, config.yaml, log.csv)")
     parser.add_argument("--benchmark", type=Path, required=True, help="benchmarks/acdc.py output folder (summary.json)")
-    parser.add_argument("--uncertainty", type=Path, help="benchmarks/uncertainty.py output folder (summary.json)")
+    parser.add_argument("--uncertainty", type=Path, nargs="*", default=[],
+                        help="benchmarks/uncertainty.py output folders (summary.json)")
     parser.add_argument("--name", required=True, help="the model's short name, e.g. diffusereg/acdc-2d")
     parser.add_argument("--output", type=Path, required=True, help="the bundle folder")
     parser.add_argument("--refresh-card", action="store_true",
@@ -271,7 +290,7 @@ def main() -> None:
     if (args.run is None) != args.refresh_card:
         parser.error("give --run to bundle a run, or --refresh-card to rewrite the card of --output")
     benchmark = json.loads((args.benchmark / "summary.json").read_text())
-    uncertainty = json.loads((args.uncertainty / "summary.json").read_text()) if args.uncertainty else None
+    uncertainty = [json.loads((folder / "summary.json").read_text()) for folder in args.uncertainty]
     if args.refresh_card:
         refresh_card(args.output, args.name, benchmark, uncertainty)
         return

@@ -13,6 +13,14 @@ per seed of ``--seeds`` at each of ``--steps``: one pipeline call with ``num_sam
 its samples are other draws than these seeds'.) The mean field is the voxel-wise mean of the K
 fields, as ``num_samples=K`` returns it.
 
+Two other ways of drawing K fields per pair, each a group of its own, ask whether a distribution
+a model could learn to sample would carry the information (a model can only learn a spread its
+targets have): ``--energy``, minimisers of the registration energy (1 - SSIM + lambda x squared
+gradient) from random smooth starts around the teacher applied three times, lambda drawn per seed
+(``instance_optimisation.energy_samples``); ``--perturbed``, the teacher applied three times to
+both images under a random gamma and noise per seed. ``--steps`` without a number leaves the
+pipeline's own samples out.
+
 Per voxel, inside the heart region (fixed labels or the mean field's warped labels > 0, dilated
 in-plane by ``--margin`` voxels):
 
@@ -52,6 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from monai.networks.layers import GaussianFilter
 from scipy import ndimage, stats
 from tqdm.auto import tqdm
 
@@ -60,9 +69,10 @@ from diffusereg.data import ACDCDataset, PreprocessedPair
 from diffusereg.evaluation import pipeline_registrar, summarize, summary_markdown, warp_moving_labels
 from diffusereg.metrics import ACDC_LABELS, acdc_dice, auroc
 from diffusereg.pipelines.layout import ModelGridBatch
+from diffusereg.spatial import warp
 from diffusereg.pipelines import DiffuseRegPipeline
 from diffusereg.visualize import LABEL_COLOURS
-from instance_optimisation import energy_samples
+from instance_optimisation import energy_samples, smooth_noise
 from reporting import FigureSlice, figure_case_name, new_figure, run_settings, save_figure, write_report
 
 STRUCTURES = ("LV", "Myo", "RV")
@@ -95,6 +105,50 @@ class VoxelMaps:
 def sample_fields(pipe: DiffuseRegPipeline, pair: PreprocessedPair, steps: int, seeds: Sequence[int]) -> np.ndarray:
     """One field per seed ``(K, 3, D, H, W)``, voxels: a ``num_samples=1`` call with the seed's own generator each."""
     return np.stack([pipeline_registrar(pipe, steps, seed=seed)(pair.fixed, pair.moving).field for seed in seeds])
+
+
+def perturbed(image: torch.Tensor, noise: float, gamma: float, generator: torch.Generator) -> torch.Tensor:
+    """``image`` (intensities in ``[0, 1]``) under a random gamma drawn log-uniformly from
+    ``[1 / gamma, gamma]`` plus Gaussian noise of std ``noise``, clipped to ``[0, 1]``."""
+    exponent = gamma ** (2 * torch.rand((), generator=generator).item() - 1)
+    return (image.clamp_min(0) ** exponent + noise * torch.randn(image.shape, generator=generator)).clamp(0, 1)
+
+
+def sample_perturbed_teacher(pipe: DiffuseRegPipeline, pair: PreprocessedPair, seeds: Sequence[int],
+                             args: argparse.Namespace) -> np.ndarray:
+    """The pipeline's teacher applied ``--perturbed-passes`` times to the pair with both images
+    :func:`perturbed` anew per seed (``--perturbed-noise``, ``--perturbed-gamma``): ``(K, 3, D, H, W)``,
+    voxels. Its spread is how much the teacher's answer depends on what the images do not pin down."""
+    teacher = pipe.teacher.eval()
+    batch = ModelGridBatch.from_arrays(pair.fixed, pair.moving, None, teacher.config.spatial_dims, teacher.size_multiple)
+    fields = []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        fixed, moving = (perturbed(image, args.perturbed_noise, args.perturbed_gamma, generator)
+                         for image in (batch.fixed, batch.moving))
+        with torch.no_grad():
+            field = teacher.recursive(fixed, moving, args.perturbed_passes)[-1]
+        fields.append(batch.to_output(field, is_field=True).numpy())
+    return np.stack(fields)
+
+
+def sample_mismatch(pipe: DiffuseRegPipeline, pair: PreprocessedPair, seeds: Sequence[int], args: argparse.Namespace
+                    ) -> np.ndarray:
+    """The teacher applied three times plus, per seed, a smooth random displacement whose size
+    follows the images' mismatch after it: ``(K, 3, D, H, W)``, voxels. The mismatch is the absolute
+    difference of the fixed and the warped moving image blurred in-plane (``--mismatch-sigma``
+    voxels), divided by its mean over the slices; the displacement is
+    :func:`instance_optimisation.smooth_noise` (``--mismatch-amplitude`` voxels rms, blur 4 voxels)
+    times it: a spread large where the registration left the images unlike."""
+    teacher = pipe.teacher.eval()
+    batch = ModelGridBatch.from_arrays(pair.fixed, pair.moving, None, teacher.config.spatial_dims, teacher.size_multiple)
+    with torch.no_grad():
+        field = teacher.recursive(batch.fixed, batch.moving, 3)[-1]
+        difference = GaussianFilter(2, args.mismatch_sigma)((batch.fixed - warp(batch.moving, field)).abs())
+    scale = difference / difference.mean().clamp_min(1e-8)
+    fields = [field + scale * smooth_noise(field.shape, args.mismatch_amplitude, 4.0,
+                                           torch.Generator().manual_seed(seed)) for seed in seeds]
+    return np.stack([batch.to_output(sample, is_field=True).numpy() for sample in fields])
 
 
 def sample_energy(pipe: DiffuseRegPipeline, pair: PreprocessedPair, seeds: Sequence[int], args: argparse.Namespace
@@ -285,7 +339,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default="diffusereg/acdc-2d")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/uncertainty_val"))
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(8)), help="one sample per seed (2 or more)")
-    parser.add_argument("--steps", type=int, nargs="+", default=[DEFAULT_STEPS],
+    parser.add_argument("--steps", type=int, nargs="*", default=[DEFAULT_STEPS],
                         help="sampling steps; several: one summary each (default: the library's)")
     parser.add_argument("--margin", type=int, default=3, help="in-plane dilation of the heart region, voxels")
     parser.add_argument("--figure-patient", type=int, help="patient number of the voxel figure (default: the first)")
@@ -299,10 +353,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--energy-sigma", type=float, default=4.0, help="random start's in-plane blur, voxels")
     parser.add_argument("--energy-iterations", type=int, default=50, help="Adam steps per energy sample")
     parser.add_argument("--energy-learning-rate", type=float, default=0.05, help="Adam step, voxels")
+    parser.add_argument("--perturbed", action="store_true",
+                        help="also one group of the teacher on randomly perturbed images per seed (see --perturbed-*)")
+    parser.add_argument("--perturbed-passes", type=int, default=3, help="teacher passes of the perturbed samples")
+    parser.add_argument("--perturbed-noise", type=float, default=0.03, help="image noise std (intensities in [0, 1])")
+    parser.add_argument("--perturbed-gamma", type=float, default=1.25, help="gamma drawn from [1 / g, g]")
+    parser.add_argument("--mismatch", action="store_true",
+                        help="also one group of teacher x3 plus noise scaled by the images' mismatch (see --mismatch-*)")
+    parser.add_argument("--mismatch-amplitude", type=float, default=1.0, help="noise rms where the mismatch is average, voxels")
+    parser.add_argument("--mismatch-sigma", type=float, default=2.0, help="in-plane blur of the mismatch, voxels")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     if len(set(args.seeds)) < 2 or len(set(args.seeds)) < len(args.seeds):
         parser.error("--seeds: give 2 or more different seeds")
+    if not (args.steps or args.energy or args.perturbed or args.mismatch):
+        parser.error("nothing to sample: give --steps, --energy, --perturbed or --mismatch")
     return args
 
 
@@ -321,6 +386,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     samplers = {f"{steps} steps": partial(sample_fields, pipe, steps=steps) for steps in args.steps}
     if args.energy:
         samplers[f"energy samples around teacher x{args.energy_passes}"] = partial(sample_energy, pipe, args=args)
+    if args.mismatch:
+        samplers["teacher x3 plus noise scaled by the mismatch"] = partial(sample_mismatch, pipe, args=args)
+    if args.perturbed:
+        samplers[f"teacher x{args.perturbed_passes} on perturbed images"] = partial(sample_perturbed_teacher, pipe,
+                                                                                      args=args)
     title = {(frame, label): f"{frame} fixed, {label}" for frame in datasets for label in samplers}
     rows: dict[str, list[dict[str, Any]]] = {text: [] for text in title.values()}
     voxels: dict[str, list[tuple[dict[str, np.ndarray], np.ndarray]]] = {text: [] for text in title.values()}

@@ -79,7 +79,7 @@ def test_one_case_two_seeds_both_directions(uncertainty: ModuleType, acdc_root: 
     report = uncertainty.main(["--data", str(acdc_root), "--patients", "10", "--model", str(model),
                                "--output", str(output), "--seeds", "0", "1", "--steps", "1",
                                "--fixed-frames", "ED", "ES", "--energy", "--energy-iterations", "2",
-                               "--threads", "1"])
+                               "--perturbed", "--perturbed-passes", "1", "--mismatch", "--threads", "1"])
 
     assert json.loads((output / "summary.json").read_text()) == report
     assert report["settings"]["command"].endswith("--threads 1")
@@ -98,8 +98,10 @@ def test_one_case_two_seeds_both_directions(uncertainty: ModuleType, acdc_root: 
         pooled = report["summaries"][group]["structures"]["-volume"]["pooled"]
         assert pooled["n"] == 3 and -1 <= pooled["rho"] <= 1
         assert report["summaries"][group]["structures"]["-volume"]["LV"] == {"rho": None, "p": None, "n": 1}
-    energy = report["rows"]["ED fixed, energy samples around teacher x3"]
-    assert [row["case"] for row in energy] == ["patient010"] and energy[0]["field_spread_heart"] > 0
+    for comparison in ("energy samples around teacher x3", "teacher x1 on perturbed images",
+                       "teacher x3 plus noise scaled by the mismatch"):
+        (row,) = report["rows"][f"ED fixed, {comparison}"]
+        assert row["case"] == "patient010" and row["sampler"] == comparison and row["field_spread_heart"] > 0
     ed, es = report["rows"]["ED fixed, 1 steps"][0], report["rows"]["ES fixed, 1 steps"][0]
     assert ed["volume_LV"] > es["volume_LV"]  # the fixed frame is ED, then ES: the LV contracts
     for picture in ("voxels.png", "structures.png"):
