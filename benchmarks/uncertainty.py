@@ -107,6 +107,13 @@ def sample_fields(pipe: DiffuseRegPipeline, pair: PreprocessedPair, steps: int, 
     return np.stack([pipeline_registrar(pipe, steps, seed=seed)(pair.fixed, pair.moving).field for seed in seeds])
 
 
+def teacher_batch(pipe: DiffuseRegPipeline, pair: PreprocessedPair) -> tuple[torch.nn.Module, ModelGridBatch]:
+    """The pipeline's teacher (eval mode) and the pair as its batch of model-grid slices."""
+    teacher = pipe.teacher.eval()
+    return teacher, ModelGridBatch.from_arrays(pair.fixed, pair.moving, None, teacher.config.spatial_dims,
+                                               teacher.size_multiple)
+
+
 def perturbed(image: torch.Tensor, noise: float, gamma: float, generator: torch.Generator) -> torch.Tensor:
     """``image`` (intensities in ``[0, 1]``) under a random gamma drawn log-uniformly from
     ``[1 / gamma, gamma]`` plus Gaussian noise of std ``noise``, clipped to ``[0, 1]``."""
@@ -119,8 +126,7 @@ def sample_perturbed_teacher(pipe: DiffuseRegPipeline, pair: PreprocessedPair, s
     """The pipeline's teacher applied ``--perturbed-passes`` times to the pair with both images
     :func:`perturbed` anew per seed (``--perturbed-noise``, ``--perturbed-gamma``): ``(K, 3, D, H, W)``,
     voxels. Its spread is how much the teacher's answer depends on what the images do not pin down."""
-    teacher = pipe.teacher.eval()
-    batch = ModelGridBatch.from_arrays(pair.fixed, pair.moving, None, teacher.config.spatial_dims, teacher.size_multiple)
+    teacher, batch = teacher_batch(pipe, pair)
     fields = []
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
@@ -140,8 +146,7 @@ def sample_mismatch(pipe: DiffuseRegPipeline, pair: PreprocessedPair, seeds: Seq
     voxels), divided by its mean over the slices; the displacement is
     :func:`instance_optimisation.smooth_noise` (``--mismatch-amplitude`` voxels rms, blur 4 voxels)
     times it: a spread large where the registration left the images unlike."""
-    teacher = pipe.teacher.eval()
-    batch = ModelGridBatch.from_arrays(pair.fixed, pair.moving, None, teacher.config.spatial_dims, teacher.size_multiple)
+    teacher, batch = teacher_batch(pipe, pair)
     with torch.no_grad():
         field = teacher.recursive(batch.fixed, batch.moving, 3)[-1]
         difference = GaussianFilter(2, args.mismatch_sigma)((batch.fixed - warp(batch.moving, field)).abs())
@@ -155,8 +160,7 @@ def sample_energy(pipe: DiffuseRegPipeline, pair: PreprocessedPair, seeds: Seque
                   ) -> np.ndarray:
     """One minimiser of the registration energy per seed ``(K, 3, D, H, W)``, voxels, drawn around
     the pipeline's teacher applied ``--energy-passes`` times (:func:`instance_optimisation.energy_samples`)."""
-    teacher = pipe.teacher.eval()
-    batch = ModelGridBatch.from_arrays(pair.fixed, pair.moving, None, teacher.config.spatial_dims, teacher.size_multiple)
+    teacher, batch = teacher_batch(pipe, pair)
     with torch.no_grad():
         start = teacher.recursive(batch.fixed, batch.moving, args.energy_passes)[-1]
     fields = energy_samples(batch.fixed, batch.moving, start, list(seeds), tuple(args.energy_smoothness),
