@@ -13,13 +13,14 @@ per seed of ``--seeds`` at each of ``--steps``: one pipeline call with ``num_sam
 its samples are other draws than these seeds'.) The mean field is the voxel-wise mean of the K
 fields, as ``num_samples=K`` returns it.
 
-Two other ways of drawing K fields per pair, each a group of its own, ask whether a distribution
-a model could learn to sample would carry the information (a model can only learn a spread its
-targets have): ``--energy``, minimisers of the registration energy (1 - SSIM + lambda x squared
-gradient) from random smooth starts around the teacher applied three times, lambda drawn per seed
-(``instance_optimisation.energy_samples``); ``--perturbed``, the teacher applied three times to
-both images under a random gamma and noise per seed. ``--steps`` without a number leaves the
-pipeline's own samples out.
+Three other ways of drawing K fields per pair, each a group of its own, ask whether a
+distribution a model could learn to sample would carry the information (a model can only learn a
+spread its targets have): ``--energy``, minimisers of the registration energy (1 - SSIM + lambda x
+squared gradient) from random smooth starts around the teacher applied three times, lambda drawn
+per seed (``instance_optimisation.energy_samples``); ``--perturbed``, the teacher applied three
+times to both images under a random gamma and noise per seed; ``--mismatch``, the teacher applied
+three times plus smooth noise scaled by how unlike the fixed and the warped moving image stay.
+``--steps`` without a number leaves the pipeline's own samples out.
 
 Per voxel, inside the heart region (fixed labels or the mean field's warped labels > 0, dilated
 in-plane by ``--margin`` voxels):
@@ -68,9 +69,9 @@ from diffusereg import DEFAULT_STEPS
 from diffusereg.data import ACDCDataset, PreprocessedPair
 from diffusereg.evaluation import pipeline_registrar, summarize, summary_markdown, warp_moving_labels
 from diffusereg.metrics import ACDC_LABELS, acdc_dice, auroc
+from diffusereg.pipelines import DiffuseRegPipeline
 from diffusereg.pipelines.layout import ModelGridBatch
 from diffusereg.spatial import warp
-from diffusereg.pipelines import DiffuseRegPipeline
 from diffusereg.visualize import LABEL_COLOURS
 from instance_optimisation import energy_samples, smooth_noise
 from reporting import FigureSlice, figure_case_name, new_figure, run_settings, save_figure, write_report
