@@ -341,7 +341,7 @@ def main() -> None:
     if args.output.exists():
         shutil.rmtree(args.output)
     temporary.rename(args.output)
-    docs_card(args.output).write_text(text)
+    write_atomically(docs_card(args.output), lambda temporary: temporary.write_text(text))
 
     bundled = DiffuseRegPipeline.from_pretrained(args.output).denoiser.state_dict()
     error = max(float((bundled[name].float() - tensor.float()).abs().max()) for name, tensor in original.items())
