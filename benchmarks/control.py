@@ -38,7 +38,7 @@ Cost per case and seed, counted in ``--steps``-step single-sample registrations:
 + 1 + smoothness scales + 4 (similarity) + similarity settings + 3 x organ scales + organ-both targets + direction
 scales + early-stopping-steps / steps; 14 with the defaults. ``--sections`` picks sections.
 
-The spread of the samples (the ``uncertainty`` output) and whether it flags errors is measured by
+The spread of the samples (the ``sample_spread`` output) and whether it flags errors is measured by
 ``benchmarks/uncertainty.py``; this script's ``uncertainty`` section moved there.
 
 Writes to ``--output``: ``control.json`` (settings, per-case rows, summaries and seconds per

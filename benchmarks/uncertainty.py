@@ -29,7 +29,7 @@ in-plane by ``--margin`` voxels):
 - ``disagreement``: 1 - the share of the majority label among the K warped label maps of the
   samples (0 where all agree, at most 1 - 1/K);
 - ``field_spread``: the length of the per-axis standard deviation of the displacement over the
-  samples, voxels (the length of the pipeline's ``uncertainty`` output);
+  samples, voxels (the length of the pipeline's ``sample_spread`` output);
 - ``-boundary_distance``, the baseline: minus the distance (mm) to the nearest boundary voxel of the
   mean field's warped labels (one with a differently labelled face neighbour).
 

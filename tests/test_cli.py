@@ -23,7 +23,7 @@ from diffusereg.data import read_acdc_patient
 from diffusereg.io import read_grid, read_image, write_image
 from diffusereg.phantom import cardiac_phantom
 
-IMAGE_OUTPUTS = ("warped.nii.gz", "warped_labels.nii.gz", "field.nii.gz", "jacobian.nii.gz", "uncertainty.nii.gz")
+IMAGE_OUTPUTS = ("warped.nii.gz", "warped_labels.nii.gz", "field.nii.gz", "jacobian.nii.gz", "sample_spread.nii.gz")
 GUIDED = ["--guidance", "organ=1", "organ=2", "organ=3", "smoothness=0.3"]
 
 
@@ -82,15 +82,15 @@ def test_every_output_overlays_the_fixed_image(registered: Path, patient_files: 
     assert np.allclose(field_image.GetDirection(), fixed.direction)
     jacobian = read_image(registered / "jacobian.nii.gz").array
     assert jacobian.shape == fixed.shape and np.isfinite(jacobian).all()
-    assert (read_image(registered / "uncertainty.nii.gz").array >= 0).all()
+    assert (read_image(registered / "sample_spread.nii.gz").array >= 0).all()
     assert (registered / "trajectory.png").stat().st_size > 0 and (registered / "trajectory.gif").stat().st_size > 0
     metrics = json.loads((registered / "metrics.json").read_text())
     assert metrics["steps_run"] == 4 and metrics["samples"] == 2 and metrics["seed"] == 0
     assert set(metrics["dice_after"]) == {"LV", "Myo", "LVepi", "RV", "Heart", "Overall"}
     assert {"NJD_percent", "JSD", "time_seconds", "model"} <= set(metrics)
-    uncertainty, fixed_labels = read_image(registered / "uncertainty.nii.gz").array, read_image(patient_files[2]).array
-    assert set(metrics["uncertainty_mm"]) == {"image", "LV", "Myo", "LVepi", "RV", "Heart"}
-    assert metrics["uncertainty_mm"]["LV"] == pytest.approx(float(uncertainty[fixed_labels == 3].mean()), rel=1e-5)
+    sample_spread, fixed_labels = read_image(registered / "sample_spread.nii.gz").array, read_image(patient_files[2]).array
+    assert set(metrics["sample_spread_mm"]) == {"image", "LV", "Myo", "LVepi", "RV", "Heart"}
+    assert metrics["sample_spread_mm"]["LV"] == pytest.approx(float(sample_spread[fixed_labels == 3].mean()), rel=1e-5)
     assert sorted(metrics["outputs"]) == sorted(p.name for p in registered.iterdir())
 
 

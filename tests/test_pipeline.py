@@ -156,13 +156,13 @@ def test_image_features_are_computed_once_per_call(pipe2d, pair, monkeypatch):
     assert len(calls) == 1
 
 
-def test_num_samples_gives_an_uncertainty_map(pipe2d, pair):
+def test_num_samples_gives_a_spread_map(pipe2d, pair):
     fixed, moving = pair
     out = pipe2d(fixed, moving, num_inference_steps=3, num_samples=4, generator=seed())
-    assert out.uncertainty.shape == out.field.shape
-    assert out.uncertainty.mean() > 0
+    assert out.sample_spread.shape == out.field.shape
+    assert out.sample_spread.mean() > 0
     single = pipe2d(fixed, moving, num_inference_steps=3, generator=seed())
-    assert single.uncertainty is None
+    assert single.sample_spread is None
 
 
 def test_trajectory_recorder_has_one_entry_per_step(pipe2d, pair):

@@ -130,16 +130,16 @@ def test_stop_keeps_the_result_of_the_step_it_stopped_at(session: WatchSession, 
                           read_displacement_field(reference / "field.h5", fixed_grid))
 
 
-def test_samples_give_an_uncertainty_map_and_the_seed_changes_the_field(session: WatchSession,
-                                                                        phantom_files: PairFiles):
+def test_samples_give_a_spread_map_and_the_seed_changes_the_field(session: WatchSession,
+                                                                   phantom_files: PairFiles):
     fields = []
     for seed in (0, 1):
         session.start(steps=2, samples=2, seed=seed)
         final = follow(session)[-1]
         assert final["result"]["samples"] == 2 and final["result"]["seed"] == seed and final["result"]["steps"] == 2
-        assert "uncertainty.nii.gz" in final["result"]["outputs"]
-        assert png_size(final["pictures"]["uncertainty"]) == (DISPLAY_PIXELS, DISPLAY_PIXELS)
-        assert final["uncertainty_max_mm"] > 0
+        assert "sample_spread.nii.gz" in final["result"]["outputs"]
+        assert png_size(final["pictures"]["sample_spread"]) == (DISPLAY_PIXELS, DISPLAY_PIXELS)
+        assert final["sample_spread_max_mm"] > 0
         fields.append(read_displacement_field(session.output_dir / "field.h5", read_grid(phantom_files.fixed)))
     assert not np.allclose(fields[0], fields[1])
 
@@ -155,7 +155,7 @@ def test_a_3d_model_is_shown_slice_by_slice(coarse_tiny_model_3d: Path, phantom_
     assert final["status"] == "finished" and final["slices"] == 32 and final["result"]["steps_run"] == 2
     assert {name: png_size(url) for name, url in final["pictures"].items()} == {
         name: (DISPLAY_PIXELS, DISPLAY_PIXELS)
-        for name in ("fixed", "moving", "warped", "difference", "jacobian", "uncertainty")}
+        for name in ("fixed", "moving", "warped", "difference", "jacobian", "sample_spread")}
 
 
 def test_guidance_switched_on_while_sampling_acts_from_the_next_step(session: WatchSession):
@@ -389,7 +389,7 @@ def test_in_a_browser_register_the_phantom_watch_it_stop_it_and_download_the_out
     assert 3 <= shown < steps
     for name in ("fixed", "moving", "warped", "difference", "jacobian"):
         assert png_size(page.locator(f"#picture-{name}").get_attribute("src")) == (DISPLAY_PIXELS, DISPLAY_PIXELS)
-    expect(page.locator("#uncertainty-figure")).to_be_hidden()  # one sample
+    expect(page.locator("#spread-figure")).to_be_hidden()  # one sample
     expect(page.locator("#metrics")).to_contain_text(f"step {shown}")
     expect(page.locator("#result")).to_contain_text(f"{shown} of {steps} steps")
 

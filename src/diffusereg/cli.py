@@ -45,7 +45,7 @@ def _sampling_options() -> argparse.ArgumentParser:
                             "smoothness=SCALE (less bending), organ=LABEL[:SCALE] (needs both label maps); several "
                             "allowed, e.g. 'similarity folds'")
     group.add_argument("--samples", type=int, default=1, metavar="N",
-                       help="samples per pair: the field is their mean, uncertainty.nii.gz their spread (default: 1)")
+                       help="samples per pair: the field is their mean, sample_spread.nii.gz their spread (default: 1)")
     group.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
     group.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     group.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Register MOVING to FIXED (NIfTI, MHA/MHD, NRRD, a 2D PNG/JPEG/TIFF/BMP picture, or a folder "
                     "of one DICOM series; any size, spacing, orientation). Writes into "
                     "OUTDIR the warped image and labels, the field (field.h5 ITK transform, field.nii.gz), "
-                    "jacobian.nii.gz, uncertainty.nii.gz (--samples > 1) and metrics.json, all on the fixed image's "
+                    "jacobian.nii.gz, sample_spread.nii.gz (--samples > 1) and metrics.json, all on the fixed image's "
                     "grid. With --pairs, one sub-folder per pair; finished pairs are skipped.")
     register.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR", help="output folder")
     register.add_argument("--save-trajectory", action="store_true",
@@ -278,8 +278,8 @@ def _summary(metrics: dict[str, Any], output_dir: Path) -> str:
         rows = [f"{'Dice':<8}{'before':>8}{'after':>8}"] + [
             f"{name:<8}{metrics['dice_before'][name]:>8.3f}{after:>8.3f}" for name, after in metrics["dice_after"].items()]
         table = "\n".join(rows) + "\n"
-    if "uncertainty_mm" in metrics:
-        table += "uncertainty (mm): " + ", ".join(f"{name} {value:.2f}" for name, value in metrics["uncertainty_mm"].items())
+    if "sample_spread_mm" in metrics:
+        table += "sample spread (mm): " + ", ".join(f"{name} {value:.2f}" for name, value in metrics["sample_spread_mm"].items())
         table += "\n"
     return (table + f"{output_dir}: {metrics['steps_run']} steps in {metrics['time_seconds']:.1f} s, "
             f"folding {_significant(metrics['NJD_percent'])} % of voxels, image similarity (NCC) "

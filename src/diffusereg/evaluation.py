@@ -68,13 +68,13 @@ class RegistrationResult:
     Attributes:
         field: displacement ``(ndim, *S)`` in voxels of the model grid, channel ``i`` along axis ``i``.
         steps_run: sampling steps that ran (diffusion), or None for one-shot methods.
-        uncertainty: per-voxel standard deviation of the field over samples ``(ndim, *S)``, voxels,
+        sample_spread: per-voxel standard deviation of the field over samples ``(ndim, *S)``, voxels,
             when the method draws several samples (``num_samples > 1``), else None.
     """
 
     field: np.ndarray
     steps_run: int | None = None
-    uncertainty: np.ndarray | None = None
+    sample_spread: np.ndarray | None = None
 
 
 Registrar = Callable[[np.ndarray, np.ndarray], RegistrationResult]
@@ -97,7 +97,7 @@ def pipeline_registrar(pipe: Any, num_inference_steps: int, seed: int = 0, **cal
     def register(fixed: np.ndarray, moving: np.ndarray) -> RegistrationResult:
         out = pipe(fixed, moving, num_inference_steps=num_inference_steps, output_type="np",
                    generator=torch.Generator().manual_seed(seed), **call_kwargs)
-        return RegistrationResult(out.field, out.num_steps_run, out.uncertainty)
+        return RegistrationResult(out.field, out.num_steps_run, out.sample_spread)
 
     return register
 

@@ -8,8 +8,8 @@ Every file overlays the fixed image exactly (its shape, spacing, origin and dire
 - ``field.nii.gz``: the same displacement as a vector image (mm, ITK ``x, y, z`` components);
 - ``jacobian.nii.gz``: det of the Jacobian of ``x -> x + u(x)``, central differences (so it has
   the fixed grid's shape);
-- ``uncertainty.nii.gz``: per voxel, the length (mm) of the vector of the field's per-axis
-  standard deviations over samples (``DiffuseRegPipelineOutput.uncertainty``, voxels), when N > 1;
+- ``sample_spread.nii.gz``: per voxel, the length (mm) of the vector of the field's per-axis
+  standard deviations over samples (``DiffuseRegPipelineOutput.sample_spread``, voxels), when N > 1;
 - ``trajectory.png``, ``trajectory.gif``: the sampling steps, when asked;
 - ``metrics.json``: written last; a folder holding it holds a finished registration.
 
@@ -58,7 +58,7 @@ OUTPUT_NAMES: dict[str, str] = {
     "field_transform": "field.h5",
     "field_image": "field.nii.gz",
     "jacobian": "jacobian.nii.gz",
-    "uncertainty": "uncertainty.nii.gz",
+    "sample_spread": "sample_spread.nii.gz",
     "trajectory_png": "trajectory.png",
     "trajectory_gif": "trajectory.gif",
     "metrics": "metrics.json",
@@ -123,14 +123,14 @@ def length_mm(field: np.ndarray, grid: Grid) -> np.ndarray:
 
 def registration_metrics(field: np.ndarray, warped: np.ndarray, warped_labels: np.ndarray | None, fixed: Image,
                          moving: Image, fixed_labels: Image | None, moving_labels: Image | None,
-                         uncertainty: np.ndarray | None = None) -> dict[str, Any]:
+                         sample_spread: np.ndarray | None = None) -> dict[str, Any]:
     """What ``metrics.json`` reports of a registration on the fixed grid: the image similarity
     ``NCC_before`` and ``NCC_after`` (:func:`~diffusereg.metrics.ncc` of the fixed image with the
     moving image resampled onto its grid as it is, then with ``warped``), Dice before and after
     per structure (with both label maps; the moving labels resampled onto the fixed grid as they
     are, then ``warped_labels``), NJD % and JSD (forward differences, as the paper's evaluation),
-    the largest displacement (mm) and, with several samples, ``uncertainty_mm``: the mean
-    uncertainty length (mm, as ``uncertainty.nii.gz``) over the image and, with fixed labels,
+    the largest displacement (mm) and, with several samples, ``sample_spread_mm``: the mean
+    spread length (mm, as ``sample_spread.nii.gz``) over the image and, with fixed labels,
     inside each structure of the fixed labels (ACDC names, else ``label_K``).
 
     Args:
@@ -138,7 +138,7 @@ def registration_metrics(field: np.ndarray, warped: np.ndarray, warped_labels: n
         warped: ``(*S)`` the moving image warped onto it.
         warped_labels: the moving labels warped onto it, or None.
         fixed, moving, fixed_labels, moving_labels: the inputs (label maps may be None).
-        uncertainty: ``(ndim, *S)`` per-axis std of the field over samples, voxels, or None.
+        sample_spread: ``(ndim, *S)`` per-axis std of the field over samples, voxels, or None.
     """
     metrics: dict[str, Any] = {"NCC_before": ncc(fixed.array, resample_to_grid(moving, fixed.grid, "linear")),
                                "NCC_after": ncc(fixed.array, warped)}
@@ -148,14 +148,14 @@ def registration_metrics(field: np.ndarray, warped: np.ndarray, warped_labels: n
         metrics["dice_after"] = structure_dice(warped_labels, reference)
     metrics.update(NJD_percent=njd_percent(field), JSD=jacobian_std(field),
                    max_displacement_mm=float(length_mm(field, fixed.grid).max()))
-    if uncertainty is not None:
-        length = length_mm(uncertainty, fixed.grid)
-        metrics["uncertainty_mm"] = {"image": float(length.mean())}
+    if sample_spread is not None:
+        length = length_mm(sample_spread, fixed.grid)
+        metrics["sample_spread_mm"] = {"image": float(length.mean())}
         if reference is not None:
             for name, values in structure_labels(reference).items():
                 inside = np.isin(reference, values)
                 if inside.any():
-                    metrics["uncertainty_mm"][name] = float(length[inside].mean())
+                    metrics["sample_spread_mm"][name] = float(length[inside].mean())
     return metrics
 
 
@@ -167,7 +167,7 @@ def write_registration(
     warped: np.ndarray,
     metrics: dict[str, Any],
     warped_labels: np.ndarray | None = None,
-    uncertainty: np.ndarray | None = None,
+    sample_spread: np.ndarray | None = None,
     trajectory: TrajectorySlice | None = None,
 ) -> dict[str, Any]:
     """Write one registration's files into ``output_dir`` (see the module docstring).
@@ -181,7 +181,7 @@ def write_registration(
         warped: ``(*S)`` the warped moving image.
         metrics: what ``metrics.json`` holds besides the list of outputs.
         warped_labels: ``(*S)`` the warped moving labels (their own dtype), or None.
-        uncertainty: ``(ndim, *S)`` per-axis std of the field over samples, voxels, or None.
+        sample_spread: ``(ndim, *S)`` per-axis std of the field over samples, voxels, or None.
         trajectory: the slice of the sampling trajectory to draw, or None.
 
     Returns:
@@ -205,8 +205,8 @@ def write_registration(
             written.append(OUTPUT_NAMES[name])
         as_tensor = torch.from_numpy(np.ascontiguousarray(field, dtype=np.float32))[None]
         save("jacobian", jacobian_determinant(as_tensor, method="central")[0].numpy())
-        if uncertainty is not None:
-            save("uncertainty", length_mm(uncertainty, grid))
+        if sample_spread is not None:
+            save("sample_spread", length_mm(sample_spread, grid))
         if trajectory is not None:
             save_trajectory_strip(trajectory, output_dir / OUTPUT_NAMES["trajectory_png"])
             save_trajectory_gif(trajectory, output_dir / OUTPUT_NAMES["trajectory_gif"])

@@ -55,7 +55,7 @@ class NotMoreAlikeWarning(UserWarning):
 @dataclass(frozen=True)
 class RegistrationSettings:
     """How to sample: steps, scheduler (``"ddim"``/``"ddpm"``), guides, samples per pair (their
-    mean is the field, their std the uncertainty), the seed of the initial noise, whether to
+    mean is the field, their std the sample spread), the seed of the initial noise, whether to
     draw the trajectory, and ``start_from_teacher``: None to start from noise, or a strength in
     (0, 1] to start from the pipeline's one-shot teacher and run that fraction of the steps."""
 
@@ -211,7 +211,7 @@ def register_checked(pipe: DiffuseRegPipeline, inputs: CheckedInputs,
             "device": str(pipe.device), "time_seconds": round(elapsed, 3),
             **registration_metrics(out.field, out.warped, out.warped_labels, images.fixed, images.moving,
                                    inputs.fixed_labels, images.moving_labels,
-                                   None if out.uncertainty is None else np.asarray(out.uncertainty)),
+                                   None if out.sample_spread is None else np.asarray(out.sample_spread)),
             "diffusereg_version": __version__,
         }
         if metrics["NCC_after"] <= metrics["NCC_before"]:
@@ -220,7 +220,7 @@ def register_checked(pipe: DiffuseRegPipeline, inputs: CheckedInputs,
                           "before using it", NotMoreAlikeWarning, stacklevel=2)
         transform = displacement_transform(out.field, images.fixed.grid)  # the one the pipeline warped with
         return write_registration(inputs.request.output_dir, images.fixed.grid, transform, out.field, out.warped, metrics,
-                                  warped_labels=out.warped_labels, uncertainty=out.uncertainty,
+                                  warped_labels=out.warped_labels, sample_spread=out.sample_spread,
                                   trajectory=None if recorder is None else trajectory_picture(
                                       recorder, inputs.batch, None if inputs.model_labels is None else inputs.model_labels[0],
                                       settings.steps))

@@ -39,17 +39,18 @@ class DiffuseRegPipelineOutput(BaseOutput):
             ``i`` along array axis ``i``. With ``num_samples > 1`` it is the mean over samples.
         warped: the moving image warped by ``field``, shaped like the fixed image input.
         warped_labels: the moving labels warped by ``field`` (nearest neighbour, their dtype), or None.
-        uncertainty: per-axis standard deviation of the field over samples (same shape as
-            ``field``, voxels) when ``num_samples > 1``, else None.
+        sample_spread: per-axis standard deviation of the field over samples (same shape as
+            ``field``, voxels) when ``num_samples > 1``, else None. Not an uncertainty estimate: it does
+            not point at where the registration is wrong (docs, "Registration pipeline").
         num_steps_run: how many sampling steps ran (fewer than asked when a callback stopped).
         grid: for inputs with geometry, the fixed image's grid (spacing, origin, direction) on which
-            ``field``, ``warped``, ``warped_labels`` and ``uncertainty`` lie; None for array inputs.
+            ``field``, ``warped``, ``warped_labels`` and ``sample_spread`` lie; None for array inputs.
     """
 
     field: torch.Tensor | np.ndarray
     warped: torch.Tensor | np.ndarray
     warped_labels: torch.Tensor | np.ndarray | None
-    uncertainty: torch.Tensor | np.ndarray | None
+    sample_spread: torch.Tensor | np.ndarray | None
     num_steps_run: int
     grid: Grid | None = None
 
@@ -269,7 +270,7 @@ class DiffuseRegPipeline(DiffusionPipeline):
         the model grid for arrays, the fixed image's own grid for inputs with geometry. The guides
         active at the last step correct the returned field on that grid (``Guide.correct_output``)."""
         mean, std = (None if x is None else x.detach().cpu() for x in batch.mean_std(x0, num_samples))
-        uncertainty = None if std is None else batch.to_output(std, True)
+        sample_spread = None if std is None else batch.to_output(std, True)
         if batch.images is None:
             for guide in final_guides:
                 mean = guide.correct_output(mean)
@@ -281,12 +282,12 @@ class DiffuseRegPipeline(DiffusionPipeline):
         else:
             field = self.correct_on_fixed_grid(torch.from_numpy(batch.field_on_fixed_grid(batch.to_output(mean, True))),
                                                final_guides, batch.layout == "slices")
-            uncertainty = None if uncertainty is None else torch.from_numpy(batch.field_on_fixed_grid(uncertainty))
+            sample_spread = None if sample_spread is None else torch.from_numpy(batch.field_on_fixed_grid(sample_spread))
             _, warped_array, labels_array = batch.warp_on_fixed_grid(field.numpy())
             warped = torch.from_numpy(warped_array)
             warped_labels = None if labels_array is None else torch.from_numpy(labels_array)
             grid = batch.images.fixed.grid
-        tensors = {"field": field, "warped": warped, "warped_labels": warped_labels, "uncertainty": uncertainty}
+        tensors = {"field": field, "warped": warped, "warped_labels": warped_labels, "sample_spread": sample_spread}
         if output_type == "np":
             tensors = {name: None if x is None else x.numpy() for name, x in tensors.items()}
         return DiffuseRegPipelineOutput(**tensors, num_steps_run=steps_run, grid=grid)
@@ -344,7 +345,7 @@ class DiffuseRegPipeline(DiffusionPipeline):
                 layout of ``field`` below, voxels of the model grid) and ``"warped"`` (the moving image warped by it,
                 ``(num_samples, *image)``). Callbacks with a ``tensor_inputs`` attribute add theirs.
             moving_labels: integer label map given like ``moving``, warped with nearest neighbour.
-            num_samples: independent samples per pair; the field is their mean, ``uncertainty`` their
+            num_samples: independent samples per pair; the field is their mean, ``sample_spread`` their
                 per-voxel standard deviation.
             generator: ``torch.Generator`` for the initial noise and DDPM noise (reproducibility).
             init_field: start from this field instead of pure noise: a field in the output layout

@@ -4,7 +4,7 @@
   thread, publishes every sampling step, stops on request and takes new guidance while it runs;
   no web code.
 - :mod:`diffusereg.watch.frames`: the pictures of a step (warped image with the deformed grid,
-  difference, Jacobian determinant, uncertainty) as PNG.
+  difference, Jacobian determinant, spread of the samples) as PNG.
 - :mod:`diffusereg.watch.server`: the local web server (standard library only) that serves the
   page and streams the session to it as server-sent events.
 """

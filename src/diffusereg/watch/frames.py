@@ -10,7 +10,7 @@ Each picture is an RGB image of one ``(H, W)`` slice, enlarged by a whole factor
   saturated at +-0.5);
 - ``jacobian``: the Jacobian determinant (blue < 1 < red, saturated at 0 and 2; folds, det <= 0,
   in green);
-- ``uncertainty``: the length (mm) of the field's standard deviation over samples (magma, from 0
+- ``sample_spread``: the length (mm) of the field's standard deviation over samples (magma, from 0
   to a given maximum).
 """
 
@@ -98,20 +98,20 @@ def deformed_grid(field: np.ndarray, factor: int, every: float) -> np.ndarray:
 
 
 def slice_pictures(fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray, field: np.ndarray,
-                   jacobian: np.ndarray, uncertainty: np.ndarray | None = None,
-                   uncertainty_max: float = 1.0) -> dict[str, bytes]:
+                   jacobian: np.ndarray, sample_spread: np.ndarray | None = None,
+                   sample_spread_max: float = 1.0) -> dict[str, bytes]:
     """The PNG pictures of one slice (see the module docstring).
 
     Args:
         fixed, moving, warped: ``(H, W)`` intensities in ``[0, 1]``.
         field: ``(2, H, W)`` in-plane displacement, voxels.
         jacobian: ``(H, W)`` Jacobian determinant.
-        uncertainty: ``(H, W)`` length of the field's std over samples, mm, or None (no picture).
-        uncertainty_max: the value (mm) drawn brightest in the uncertainty picture.
+        sample_spread: ``(H, W)`` length of the field's std over samples, mm, or None (no picture).
+        sample_spread_max: the value (mm) drawn brightest in the spread picture.
 
     Returns:
         PNG bytes by picture name: ``fixed``, ``moving``, ``warped``, ``difference``,
-        ``jacobian`` and, with ``uncertainty``, ``uncertainty``.
+        ``jacobian`` and, with ``sample_spread``, ``sample_spread``.
     """
     factor = display_factor(fixed.shape)
     warped_rgb = _enlarge(_grey(warped), factor)
@@ -125,6 +125,6 @@ def slice_pictures(fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray, fi
         "difference": _enlarge(_coloured(fixed - warped, "RdBu_r", -_DIFFERENCE_RANGE, _DIFFERENCE_RANGE), factor),
         "jacobian": _enlarge(jacobian_rgb, factor),
     }
-    if uncertainty is not None:
-        pictures["uncertainty"] = _enlarge(_coloured(uncertainty, "magma", 0.0, uncertainty_max), factor)
+    if sample_spread is not None:
+        pictures["sample_spread"] = _enlarge(_coloured(sample_spread, "magma", 0.0, sample_spread_max), factor)
     return {name: _png(rgb) for name, rgb in pictures.items()}

@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const PICTURES = ["fixed", "moving", "warped", "difference", "jacobian", "uncertainty"];
+const PICTURES = ["fixed", "moving", "warped", "difference", "jacobian", "sample_spread"];
 const ROLES = ["fixed", "moving", "fixed_labels", "moving_labels"];
 const ACTIVE = ["running", "stopping"];
 let settingsShown = false;   // the sampling numbers are taken from the server once
@@ -155,8 +155,8 @@ function render(s) {
   for (const name of PICTURES) {
     if (s.pictures[name]) $(`picture-${name}`).src = s.pictures[name];
   }
-  $("uncertainty-figure").hidden = !s.pictures.uncertainty;
-  if (s.uncertainty_max_mm !== null) $("uncertainty-max").textContent = s.uncertainty_max_mm.toFixed(2);
+  $("spread-figure").hidden = !s.pictures.sample_spread;
+  if (s.sample_spread_max_mm !== null) $("spread-max").textContent = s.sample_spread_max_mm.toFixed(2);
   showMetrics(s);
   $("download").classList.toggle("disabled", !s.download);
   $("download").setAttribute("aria-disabled", String(!s.download));

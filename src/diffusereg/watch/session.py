@@ -71,7 +71,7 @@ class StepState:
         field: ``(D, 2, H, W)`` in-plane displacement, voxels (rows, columns).
         jacobian: ``(D, H, W)`` Jacobian determinant (central differences; per slice for a 2D
             model).
-        uncertainty: ``(D, H, W)`` length of the field's std over samples, mm; None for one sample.
+        sample_spread: ``(D, H, W)`` length of the field's std over samples, mm; None for one sample.
         metrics: ``NJD_percent`` and, with labels, ``dice`` per structure (model grid).
     """
 
@@ -79,7 +79,7 @@ class StepState:
     warped: np.ndarray
     field: np.ndarray
     jacobian: np.ndarray
-    uncertainty: np.ndarray | None
+    sample_spread: np.ndarray | None
     metrics: dict[str, Any]
 
 
@@ -124,14 +124,14 @@ class _ModelCase:
                                            for m in self.inputs.model_labels)
             metrics["dice"] = structure_dice(_as_slices(warp_labels(moving_labels, field).numpy()),
                                              _as_slices(fixed_labels.numpy()))
-        uncertainty = None
+        sample_spread = None
         if samples.shape[0] > 1:
             spacing = self.batch.images.grid.model.axis_spacing[-(field.shape[1]):]
-            uncertainty = _as_slices(voxel_to_mm(samples.std(dim=0)[None], spacing).norm(dim=1).numpy())
+            sample_spread = _as_slices(voxel_to_mm(samples.std(dim=0)[None], spacing).norm(dim=1).numpy())
         moving = self.batch.to_output(self.batch.moving, is_field=False)[None, None]
         in_plane = field[0, 1:].transpose(0, 1) if field.shape[1] == 3 else field
         return StepState(step, _as_slices(warp(moving, field).numpy()), in_plane.numpy(),
-                         _as_slices(jacobian_determinant(field, method="central").numpy()), uncertainty, metrics)
+                         _as_slices(jacobian_determinant(field, method="central").numpy()), sample_spread, metrics)
 
 
 class LiveGuidance(Guide):
@@ -410,7 +410,7 @@ class WatchSession:
         Keys: ``version``, ``status``, ``message``, ``model``, ``inputs`` (file names and size, or
         None), ``labels`` (``value``, ``name``), ``settings`` (``steps``, ``seed``, ``samples``),
         ``guidance`` (spec strings), ``step``, ``slice``, ``slices``, ``metrics`` and
-        ``metrics_before`` (model grid), ``uncertainty_max_mm``, ``pictures``, ``result`` (what
+        ``metrics_before`` (model grid), ``sample_spread_max_mm``, ``pictures``, ``result`` (what
         ``metrics.json`` holds, once a registration ended) and ``download`` (bool).
         """
         with self._changed:
@@ -432,7 +432,7 @@ class WatchSession:
             "slice": index, "slices": 0 if case is None else case.images("fixed").shape[0],
             "metrics": None if state is None else state.metrics,
             "metrics_before": None if before is None else before.metrics,
-            "uncertainty_max_mm": None if state is None or state.uncertainty is None else _uncertainty_max(state),
+            "sample_spread_max_mm": None if state is None or state.sample_spread is None else _sample_spread_max(state),
             "pictures": pictures or {},
             "result": result,
             "download": result is not None and status not in (RUNNING, STOPPING),
@@ -441,11 +441,11 @@ class WatchSession:
     @staticmethod
     def _draw(case: _ModelCase, state: StepState, index: int) -> dict[str, str]:
         """PNG data URLs of the pictures of slice ``index`` at ``state``."""
-        uncertainty = None if state.uncertainty is None else state.uncertainty[index]
+        sample_spread = None if state.sample_spread is None else state.sample_spread[index]
         pictures = slice_pictures(
             case.images("fixed")[index], case.images("moving")[index], state.warped[index],
-            state.field[index], state.jacobian[index], uncertainty,
-            uncertainty_max=1.0 if uncertainty is None else _uncertainty_max(state))
+            state.field[index], state.jacobian[index], sample_spread,
+            sample_spread_max=1.0 if sample_spread is None else _sample_spread_max(state))
         return {name: "data:image/png;base64," + base64.b64encode(png).decode("ascii")
                 for name, png in pictures.items()}
 
@@ -466,9 +466,9 @@ class WatchSession:
         return buffer.getvalue()
 
 
-def _uncertainty_max(state: StepState) -> float:
-    """The brightest value (mm) of the uncertainty pictures of a step: its largest value, at least 1e-3."""
-    return max(float(state.uncertainty.max()), 1e-3)
+def _sample_spread_max(state: StepState) -> float:
+    """The brightest value (mm) of the spread pictures of a step: its largest value, at least 1e-3."""
+    return max(float(state.sample_spread.max()), 1e-3)
 
 
 def _named_labels(values: list[int]) -> list[dict[str, Any]]:
