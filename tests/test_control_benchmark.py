@@ -40,6 +40,7 @@ def test_replayed_early_stopping_returns_what_a_stopped_run_returns(control: Mod
     torch.testing.assert_close(live.field, recorder.fields[stop][0], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.acdc
 def test_every_section_runs_on_one_case_and_writes_finite_numbers(control: ModuleType, acdc_root: Path,
                                                                   tmp_path: Path) -> None:

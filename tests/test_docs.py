@@ -50,6 +50,7 @@ def test_every_pasteable_block_runs_or_says_why_not() -> None:
     assert sum(block.runs for page in PAGES for block in snippets(page)) >= 20
 
 
+@pytest.mark.slow
 def test_a_broken_block_fails_naming_its_page_and_line(tmp_path: Path) -> None:
     page = REPOSITORY / "docs" / "broken.md"
     text = "# A page\n\n```python\nfrom diffusereg import DiffuseRegPipeline\nDiffuseRegPipeline.no_such_method()\n```\n"

@@ -321,6 +321,7 @@ def test_watch_warns_when_it_listens_beyond_this_computer(coarse_tiny_model: Pat
     assert "warning: listening on 0.0.0.0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_watch_removes_its_temporary_folder_when_terminated(coarse_tiny_model: Path, tmp_path: Path):
     """SIGTERM left ``diffusereg-watch-*`` in the temporary folder (issue 32)."""
     temporary = tmp_path / "tmp"
